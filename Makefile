@@ -1,0 +1,49 @@
+# Two commands for a new user: `make demo` and `make test` (see README).
+# Setup is idempotent: a second run only checks stamps and returns.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine ships these builds on local disk; elsewhere pick your own,
+# e.g. `make demo TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEB_PACKAGES := dataset-fashion-mnist opencv-doc
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Keep Prefect's local database and settings inside the project, not in ~/.prefect.
+export PREFECT_HOME ?= $(abspath .prefect)
+
+.PHONY: setup demo test data-packages repro metrics clean-data
+
+setup: $(STAMP) data-packages
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+# Debian data the embedded default reads; installed when we can, explained when we can't.
+data-packages:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		echo "NOTE: missing Debian packages: $$missing"; \
+		echo "      install them with: sudo apt-get install $$missing"; \
+		echo "      (without opencv-doc the photo source has fewer classes; without dataset-fashion-mnist"; \
+		echo "       set sources.fashion_mnist.uri to the dataset's public URL)"; \
+	fi
+
+demo: setup
+	@git rev-parse --git-dir >/dev/null 2>&1 || (echo "run inside the git clone (DVC needs it)"; exit 1)
+	dvc repro
+	@dvc metrics show
+
+test: setup
+	$(PY) -m pytest
+
+metrics:
+	dvc metrics show

@@ -1,0 +1,44 @@
+"""Stage `sample`: catalogs of all sources -> data/02_sampled/manifest.parquet."""
+
+from __future__ import annotations
+
+import polars as pl
+from prefect import flow, get_run_logger
+
+from flows._cli import main
+from tasks.params import Params, SampleParams
+from tasks.sample import build_manifest
+from tasks.schemas import CATALOG_NAME, CATALOG_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RAW_DIR, read_table, write_json, write_table
+
+
+def read_catalogs(sources: list[str]) -> dict[str, pl.DataFrame]:
+    return {s: pl.from_arrow(read_table(RAW_DIR / s / CATALOG_NAME, CATALOG_SCHEMA)) for s in sources}
+
+
+@flow(name="sample")
+def sample(sources: list[str], params: SampleParams) -> dict:
+    """Choose classes and images per source, split them, and write the manifest."""
+    log = get_run_logger()
+    manifest, skipped = build_manifest(read_catalogs(sources), params)
+    write_table(MANIFEST, manifest, MANIFEST_SCHEMA)
+    counts = pl.from_arrow(manifest).group_by("source", "split").len().sort("source", "split")
+    summary = {
+        "images": manifest.num_rows,
+        "classes": len(set(manifest.column("class_id").to_pylist())),
+        "per_source_split": {f"{r['source']}/{r['split']}": r["len"] for r in counts.iter_rows(named=True)},
+        "skipped_classes": [s.__dict__ for s in skipped],
+    }
+    write_json(MANIFEST.parent / "summary.json", summary)
+    for s in skipped:
+        log.warning("skipped class %s/%s: %s (%d images)", s.source, s.label, s.reason, s.images)
+    log.info("sample: %d images, %d classes; %s", summary["images"], summary["classes"], summary["per_source_split"])
+    return summary
+
+
+def run(params: Params, _key: str | None) -> None:
+    # Class counts are checked against the catalogs before anything is written.
+    sample(sorted(params.sources), params.sample)
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,1 @@
+"""Pipeline logic as plain typed functions, importable and testable without Prefect running."""

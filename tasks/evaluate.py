@@ -1,0 +1,41 @@
+"""Score every model line on the held-out classes: zero-shot PCA-64 baselines and the trained head.
+
+The baselines follow the 4th-place zero-shot recipe: L2-normalise, PCA to 64
+fitted on the train split, L2-normalise again. Retrieval runs over the whole
+index (all sources), as in GUIE; scores are then reported overall and per
+source of the query.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from tasks.features import SplitFeatures, l2_normalize
+from tasks.metrics import mean_precision_at_k
+
+Embed = Callable[[np.ndarray], np.ndarray]
+
+
+def fit_pca(train: np.ndarray, dim: int) -> Embed:
+    """PCA to `dim` fitted on `train` (faiss), followed by L2 normalisation."""
+    if len(train) < dim:
+        raise ValueError(f"PCA to {dim} needs >= {dim} train images, got {len(train)}; lower evaluate.pca_dim")
+    pca = faiss.PCAMatrix(train.shape[1], dim)
+    pca.train(np.ascontiguousarray(l2_normalize(train), dtype=np.float32))
+    return lambda x: l2_normalize(pca.apply(np.ascontiguousarray(l2_normalize(x), dtype=np.float32)))
+
+
+def score_line(embed: Embed, query: SplitFeatures, index: SplitFeatures, query_sources: list[str], k: int) -> dict:
+    """mP@k overall and per query source, plus the per-query scores and neighbour ids."""
+    q_emb, i_emb = embed(query.embeddings), embed(index.embeddings)
+    if q_emb.shape[1] > 64:
+        raise ValueError(f"embedding dim {q_emb.shape[1]} > 64: GUIE caps embeddings at 64")
+    overall, per_query, ids = mean_precision_at_k(i_emb, index.class_ids, q_emb, query.class_ids, k)
+    sources = np.asarray(query_sources)
+    result = {f"mP@{k}": round(overall, 4)}
+    for source in sorted(set(query_sources)):
+        result[source] = round(float(np.nanmean(per_query[sources == source])), 4)
+    return {"scores": result, "per_query": per_query, "neighbours": ids}

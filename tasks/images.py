@@ -1,0 +1,73 @@
+"""Bring any image file to an 8-bit RGB JPEG, or say precisely why it can't be.
+
+Real datasets hold CMYK JPEGs, 16-bit PNGs, palette images with
+transparency, truncated downloads and empty files. Each is converted or
+rejected with a reason; none crashes a stage and none vanishes silently.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated file is an error to record, not an image to pad with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImage(ValueError):
+    """The bytes are not a usable image; str(exc) is the reason recorded in rejects."""
+
+
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert any PIL mode to 8-bit RGB; returns the image and what was converted, if anything."""
+    mode = im.mode
+    if mode == "RGB":
+        return im, None
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im8 = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        return im8.convert("RGB"), f"{mode} to 8-bit RGB"
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "P+alpha"
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} composited on white"
+    return im.convert("RGB"), f"{mode} to RGB"
+
+
+def normalize_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, str | None]:
+    """Return (JPEG bytes, conversion note or None); raise BadImage with a reason.
+
+    An RGB JPEG that already fits is passed through byte for byte, so shards
+    don't add a second round of compression to what the source published.
+    """
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt, size = im.format, im.size
+            if fmt == "JPEG":
+                im.draft(im.mode, (max_side, max_side))  # decode huge JPEGs at reduced scale
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"image too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise BadImage(f"corrupt or truncated image: {exc}") from None
+    if min(size) < 1:
+        raise BadImage(f"degenerate size {size}")
+    if fmt == "JPEG" and im.mode == "RGB" and max(size) <= max_side:
+        return data, None
+    rgb, note = _to_rgb(im)
+    if max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        note = "; ".join(filter(None, [note, f"downscaled from {size[0]}x{size[1]}"]))
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality)
+    return out.getvalue(), note or f"{fmt} re-encoded as JPEG"

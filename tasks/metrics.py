@@ -1,0 +1,46 @@
+"""GUIE's mean Precision@5, with exact Euclidean k-NN from faiss.
+
+For a query q with n_q index images of its class,
+    P(q) = 1 / min(n_q, k) * sum_{j <= min(n_q, k)} rel_q(j)
+so a query with 2 relevant images is scored on its first 2 results only,
+and is not penalised for the 3 it could never fill. mP@k is the mean of P(q).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def knn(index_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest index rows (squared L2 distances, row ids) for each query."""
+    index = faiss.IndexFlatL2(index_emb.shape[1])
+    index.add(np.ascontiguousarray(index_emb, dtype=np.float32))
+    return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, len(index_emb)))
+
+
+def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray, index_labels: np.ndarray,
+                   k: int = 5) -> np.ndarray:
+    """Per-query P@k (GUIE definition) from the labels of each query's ranked results.
+
+    `retrieved_labels` is [Q, >=k'] in rank order. Queries whose class has no
+    index image are undefined under the metric and get NaN.
+    """
+    classes, counts = np.unique(index_labels, return_counts=True)
+    n_rel = np.zeros(len(query_labels), dtype=np.int64)
+    pos = np.searchsorted(classes, query_labels)
+    found = (pos < len(classes)) & (classes[np.minimum(pos, len(classes) - 1)] == query_labels)
+    n_rel[found] = counts[pos[found]]
+    depth = np.minimum(n_rel, k)
+    hits = retrieved_labels[:, :k] == query_labels[:, None]
+    within = np.arange(hits.shape[1])[None, :] < depth[:, None]
+    scores = (hits & within).sum(axis=1) / np.maximum(depth, 1)
+    return np.where(depth > 0, scores, np.nan)
+
+
+def mean_precision_at_k(index_emb: np.ndarray, index_labels: np.ndarray, query_emb: np.ndarray,
+                        query_labels: np.ndarray, k: int = 5) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mP@k, per-query P@k, neighbour ids) for embeddings under exact Euclidean k-NN."""
+    _, ids = knn(index_emb, query_emb, k)
+    per_query = precision_at_k(index_labels[ids], query_labels, index_labels, k)
+    return float(np.nanmean(per_query)), per_query, ids

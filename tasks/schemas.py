@@ -1,0 +1,180 @@
+"""The one module that owns file layouts, table schemas and atomic writes.
+
+Every other module reads and writes artifacts through these functions, so a
+schema change happens in one place and every file on disk can be checked
+against the schema it claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# ----------------------------------------------------------------------- layout
+
+DATA = Path("data")
+MODELS_DIR = DATA / "00_models"
+RAW_DIR = DATA / "01_raw"
+MANIFEST = DATA / "02_sampled" / "manifest.parquet"
+SHARDS_DIR = DATA / "03_shards"
+FEATURES_DIR = DATA / "04_features"
+HEAD_DIR = DATA / "05_head"
+EVAL_DIR = DATA / "06_eval"
+
+SPLITS = ("train", "val", "query", "index")
+CATALOG_NAME = "catalog.parquet"
+SHARD_INDEX = "index.json"
+REJECTS_NAME = "rejects.parquet"
+
+# ----------------------------------------------------------------------- tables
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),  # relative to the source root
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # <source>-<hash of path>, no dots
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("class_id", pa.int32(), nullable=False),  # global across sources
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+# Metadata keys every feature file carries, so a reader needs no project code.
+FEATURE_METADATA_KEYS = ("model_name", "pretrained", "checkpoint_sha256", "image_size", "dim")
+
+
+def feature_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
+    """Arrow schema of one feature file: key, class_id, float16 embedding of size `dim`."""
+    missing = [k for k in FEATURE_METADATA_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"feature metadata lacks {missing}")
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("class_id", pa.int32(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float16(), dim), nullable=False),
+        ],
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside `target`; rename it over `target` only on success.
+
+    An interrupted stage therefore never leaves a file that looks complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes(target: Path | str, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(target: Path | str, obj: Any) -> None:
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_table(target: Path | str, table: pa.Table, schema: pa.Schema) -> None:
+    """Write a Parquet table after casting it to its declared schema."""
+    table = table.select(schema.names).cast(schema)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_table(path: Path | str, schema: pa.Schema) -> pa.Table:
+    """Read a Parquet table and check it has the declared schema's columns."""
+    table = pq.read_table(path)
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; expected {schema.names}")
+    return table.select(schema.names).cast(schema)
+
+
+# --------------------------------------------------------------------- features
+
+
+def write_features(
+    target: Path | str, keys: list[str], class_ids: np.ndarray, embeddings: np.ndarray, metadata: dict[str, str]
+) -> None:
+    """Write one shard's embeddings as an uncompressed Arrow IPC file (memory-mappable)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float16)
+    n, dim = embeddings.shape if embeddings.ndim == 2 else (0, int(metadata["dim"]))
+    schema = feature_schema(dim, metadata)
+    flat = pa.array(embeddings.reshape(-1), type=pa.float16())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(keys, type=pa.string()),
+            pa.array(np.asarray(class_ids, dtype=np.int32), type=pa.int32()),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+        ],
+        schema=schema,
+    )
+    assert table.num_rows == n == len(keys)
+    with atomic_path(target) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+
+
+def read_features(path: Path | str) -> tuple[pa.Table, dict[str, str]]:
+    """Memory-map one feature file; returns the table and its decoded metadata."""
+    source = pa.memory_map(str(path), "r")
+    table = pa.ipc.open_file(source).read_all()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return table, meta
+
+
+def embeddings_of(table: pa.Table) -> np.ndarray:
+    """The embedding column as an (N, D) float32 array."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
