@@ -1,0 +1,65 @@
+"""mP@5 against an independent brute-force reference, including n_q < 5 and ties."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.metrics import knn, mean_precision_at_k, precision_at_k
+
+
+def brute_force_map(index_emb, index_labels, query_emb, query_labels, k=5):
+    """GUIE mP@k written from the definition: sort all index images by distance, one query at a time."""
+    scores = []
+    for q, ql in zip(query_emb, query_labels):
+        d = ((index_emb - q) ** 2).sum(axis=1)
+        order = sorted(range(len(d)), key=lambda i: (d[i], i))
+        n_q = int((index_labels == ql).sum())
+        depth = min(n_q, k)
+        scores.append(sum(index_labels[i] == ql for i in order[:depth]) / depth)
+    return float(np.mean(scores))
+
+
+def test_matches_brute_force_on_seeded_random_features():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        # few images per class so many queries have n_q < 5
+        index_labels = rng.integers(0, 12, size=60)
+        query_labels = rng.choice(np.unique(index_labels), size=40)
+        index_emb = rng.normal(size=(60, 8)).astype(np.float32) + index_labels[:, None] * 0.3
+        query_emb = rng.normal(size=(40, 8)).astype(np.float32) + query_labels[:, None] * 0.3
+        ours, per_query, _ = mean_precision_at_k(index_emb, index_labels, query_emb, query_labels, k=5)
+        assert abs(ours - brute_force_map(index_emb, index_labels, query_emb, query_labels)) < 1e-6
+        counts = np.array([(index_labels == q).sum() for q in query_labels])
+        assert (counts < 5).any(), "the test must cover n_q < 5"
+
+
+def test_small_class_scored_on_its_first_n_q_results_only():
+    # class 7 has 2 index images; both retrieved first -> P = 1, whatever ranks 3..5 hold
+    retrieved = np.array([[7, 7, 1, 1, 1], [7, 1, 7, 1, 1]])
+    index_labels = np.array([7, 7, 1, 1, 1, 1])
+    p = precision_at_k(retrieved, np.array([7, 7]), index_labels, k=5)
+    assert p.tolist() == [1.0, 0.5]
+
+
+def test_ties_with_equal_distances():
+    # Four index points at the same place: every ordering of them is a tie.
+    index_emb = np.zeros((6, 2), np.float32)
+    index_emb[4:] = 10.0
+    index_labels = np.array([3, 3, 3, 3, 9, 9])
+    query = np.zeros((1, 2), np.float32)
+    m, _, ids = mean_precision_at_k(index_emb, index_labels, query, np.array([3]), k=5)
+    assert set(ids[0, :4]) == {0, 1, 2, 3} and m == 1.0  # n_q = 4: the 5th rank doesn't count
+    assert m == brute_force_map(index_emb, index_labels, query, np.array([3]))
+    # a tie that straddles the cut: 2 of 4 tied images are relevant, n_q = 2 -> any order scores 0.5 or 1
+    labels2 = np.array([3, 5, 3, 5, 9, 9])
+    m2, _, _ = mean_precision_at_k(index_emb, labels2, query, np.array([3]), k=5)
+    assert m2 in (0.0, 0.5, 1.0)
+    assert m2 == brute_force_map(index_emb, labels2, query, np.array([3]))
+
+
+def test_knn_is_exact():
+    rng = np.random.default_rng(1)
+    x, q = rng.normal(size=(50, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    d, ids = knn(x, q, 5)
+    ref = np.argsort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :5]
+    assert (ids == ref).all()

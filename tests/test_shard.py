@@ -1,0 +1,130 @@
+"""Bad images are converted or rejected with a reason; shards round-trip through webdataset, byte-reproducibly."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import jpeg_bytes
+from tasks.images import BadImage, normalize_image
+from tasks.params import ShardParams
+from tasks.schemas import MANIFEST_SCHEMA
+from tasks.shard import plan_shards, shard_index, write_shard
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    assert mode is None or im.mode == mode, (im.mode, mode)
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bad_inputs() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    good = jpeg_bytes(1, (64, 48))
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(cmyk, format="JPEG")
+    rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent -> white
+    return {
+        "corrupt.jpg": good[: len(good) // 2],
+        "empty.jpg": b"",
+        "cmyk.jpg": cmyk.getvalue(),
+        "deep.png": png_bytes((np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100), "I;16"),
+        "rgba.png": png_bytes(rgba, "RGBA"),
+        "not_an_image.jpg": b"hello, I am text",
+        "huge.jpg": jpeg_bytes(2, (2000, 1000)),
+    }
+
+
+def test_each_bad_input_is_converted_or_rejected_with_reason():
+    outcomes = {}
+    for name, data in bad_inputs().items():
+        try:
+            jpeg, note = normalize_image(data, max_side=512, quality=90)
+            im = Image.open(io.BytesIO(jpeg))
+            assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) <= 512
+            outcomes[name] = ("ok", note)
+        except BadImage as exc:
+            outcomes[name] = ("rejected", str(exc))
+    assert outcomes["corrupt.jpg"][0] == "rejected" and "truncated" in outcomes["corrupt.jpg"][1]
+    assert outcomes["empty.jpg"] == ("rejected", "empty file (0 bytes)")
+    assert outcomes["not_an_image.jpg"][0] == "rejected"
+    assert outcomes["cmyk.jpg"] == ("ok", "CMYK to RGB")
+    assert outcomes["deep.png"][0] == "ok" and "I;16" in outcomes["deep.png"][1]
+    assert outcomes["rgba.png"][0] == "ok" and "white" in outcomes["rgba.png"][1]
+    assert outcomes["huge.jpg"][0] == "ok" and "downscaled" in outcomes["huge.jpg"][1]
+
+
+def test_rgba_transparent_pixels_become_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    jpeg, _ = normalize_image(png_bytes(rgba, "RGBA"), 64, 95)
+    assert np.asarray(Image.open(io.BytesIO(jpeg))).min() > 240
+
+
+def test_sixteen_bit_keeps_its_range():
+    deep = np.full((8, 8), 65535, np.uint16)
+    deep[:4] = 0
+    arr = np.asarray(Image.open(io.BytesIO(normalize_image(png_bytes(deep, "I;16"), 64, 95)[0])))
+    assert arr[:3].max() < 20 and arr[5:].min() > 235
+
+
+def test_rgb_jpeg_passes_through_unchanged():
+    data = jpeg_bytes(3)
+    assert normalize_image(data, 512, 90) == (data, None)
+
+
+def manifest_with(tmp_path, files: dict[str, bytes]) -> pa.Table:
+    rows = []
+    for i, (name, data) in enumerate(sorted(files.items())):
+        (tmp_path / "raw" / "src" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "raw" / "src" / "images" / name).write_bytes(data)
+        rows.append({"key": f"src-{i:04d}", "source": "src", "label": name.split(".")[0], "class_id": i,
+                     "path": f"images/{name}", "split": "train" if i % 2 else "query"})
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def write_all(tmp_path, manifest, out_name="shards"):
+    params = ShardParams(max_samples=3, max_side=256, jpeg_quality=90)
+    results = [write_shard(p, tmp_path / "raw", tmp_path / out_name, params)
+               for p in plan_shards(manifest, params.max_samples)]
+    return shard_index([e for e, _ in results]), [r for _, rs in results for r in rs]
+
+
+def test_shards_round_trip_through_webdataset_and_record_rejects(tmp_path):
+    files = {**bad_inputs(), **{f"good{i}.jpg": jpeg_bytes(10 + i) for i in range(4)}}
+    manifest = manifest_with(tmp_path, files)
+    index, rejects = write_all(tmp_path, manifest)
+    rejected = {r["path"].split("/")[-1]: r["reason"] for r in rejects}
+    assert set(rejected) == {"corrupt.jpg", "empty.jpg", "not_an_image.jpg"}
+    assert all(reason for reason in rejected.values())
+    # every manifest row is either in a shard or in rejects: nothing silently lost
+    seen = {}
+    for entry in index["shardlist"]:
+        ds = wds.WebDataset(str(tmp_path / "shards" / entry["url"]), shardshuffle=False).decode("pil")
+        samples = list(ds.to_tuple("__key__", "jpg", "cls", "json"))
+        assert len(samples) == entry["nsamples"]
+        for key, img, cls, meta in samples:
+            assert img.mode == "RGB" and meta["split"] == entry["split"]
+            seen[key] = (cls, meta)
+    assert len(seen) + len(rejects) == manifest.num_rows
+    by_key = {r["key"]: r for r in manifest.to_pylist()}
+    for key, (cls, meta) in seen.items():
+        assert cls == by_key[key]["class_id"] and meta["path"] == by_key[key]["path"]
+    assert index["__kind__"] == "wids-shard-index-v1"
+    assert all(len(e["sha256"]) == 64 for e in index["shardlist"])
+
+
+def test_shards_are_byte_reproducible(tmp_path):
+    manifest = manifest_with(tmp_path, {f"g{i}.jpg": jpeg_bytes(i) for i in range(7)})
+    first, _ = write_all(tmp_path, manifest, "a")
+    second, _ = write_all(tmp_path, manifest, "b")
+    assert [e["sha256"] for e in first["shardlist"]] == [e["sha256"] for e in second["shardlist"]]
+    assert json.dumps(first) == json.dumps(second)
