@@ -1,0 +1,149 @@
+"""The real `dvc repro` in a temporary git repo: full run, no-op rerun, and exactly the right rerun sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_imagefolder
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """One local Prefect server for every stage of every repro (cheaper than one per process)."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("prefect server did not start")
+    yield {"PREFECT_API_URL": url, "PREFECT_HOME": str(home)}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["models"] = {"lite0": params["models"]["lite0"]}
+    params["sources"] = {
+        "package_photos": {**params["sources"]["package_photos"], "views": 8, "max_side": 64},
+        "mine": {"kind": "imagefolder", "path": "mine_images"},
+    }
+    params["sample"].update(samples=4, num_classes={"package_photos": 8, "mine": 4})
+    params["shard"].update(max_samples=16, max_side=64)
+    params["extract"].update(batch_size=16, num_workers=0)
+    params["train"].update(epochs=2, batch_size=16)
+    params["evaluate"].update(pca_dim=8)
+    return params
+
+
+def run(repo: Path, env: dict, *args: str) -> str:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("flows", "tasks"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    make_imagefolder(repo / "mine_images", classes=4, per_class=3, size=(48, 40))  # + broken: 4 <= samples
+    (repo / "mine_images" / "class_00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    env = {**os.environ, **prefect_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    run(repo, env, "init", "-q")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True, env=env)
+    return repo, env
+
+
+def test_full_repro_then_noop(repo):
+    path, env = repo
+    out = run(path, env, "repro")
+    assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "sample", "shard",
+                        "extract@lite0", "train", "evaluate"}
+    metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
+    assert metrics["queries"] > 0 and set(metrics["lines"]) == {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
+    assert all(0.0 <= line["mP@5"] <= 1.0 for line in metrics["lines"].values())
+    # the truncated JPEG in the user's folder was recorded, not fatal
+    rejects = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet('data/03_shards/rejects.parquet')['path'].to_list())"],
+                             cwd=path, capture_output=True, text=True, check=True).stdout
+    assert "broken.jpg" in rejects
+
+    again = run(path, env, "repro")
+    assert ran(again) == set()
+    assert "up to date" in run(path, env, "status")
+
+    shown = run(path, env, "metrics", "show")
+    assert "head.mP@5" in shown and "train_acc" in shown
+    run(path, env, "plots", "show", "-o", "plots_out")
+    assert (path / "plots_out" / "index.html").is_file()
+
+
+def test_epochs_change_reruns_train_and_evaluate_only(repo):
+    path, env = repo
+    set_param(path, "train", "epochs", 3)
+    assert ran(run(path, env, "repro")) == {"train", "evaluate"}
+
+
+def test_samples_change_reruns_from_sample_on(repo):
+    path, env = repo
+    set_param(path, "sample", "samples", 5)
+    assert ran(run(path, env, "repro")) == {"sample", "shard", "extract@lite0", "train", "evaluate"}
+    assert ran(run(path, env, "repro")) == set()
+
+
+def test_invalid_params_stop_before_any_work(repo):
+    path, env = repo
+    set_param(path, "sample", "samples", 0)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
+    set_param(path, "sample", "samples", 5)

@@ -1,0 +1,78 @@
+"""Extraction with a tiny random-init open_clip tower: the Arrow schema, metadata and values."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from conftest import jpeg_bytes
+from tasks.extract import Embedder, embed_shard, read_shard, resolve_device
+from tasks.models import load_backbone
+from tasks.params import ExtractParams, ShardParams
+from tasks.schemas import MANIFEST_SCHEMA, embeddings_of, read_features, write_features
+from tasks.shard import plan_shards, write_shard
+
+
+@pytest.fixture
+def shard_file(tmp_path):
+    raw = tmp_path / "raw" / "src" / "images"
+    raw.mkdir(parents=True)
+    rows = []
+    for i in range(11):
+        (raw / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 40)))
+        rows.append({"key": f"src-{i:03d}", "source": "src", "label": f"l{i % 3}", "class_id": i % 3,
+                     "path": f"images/{i}.jpg", "split": "train"})
+    plan = plan_shards(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), 100)[0]
+    write_shard(plan, tmp_path / "raw", tmp_path / "shards", ShardParams())
+    return tmp_path / "shards" / plan.relpath
+
+
+def metadata(info: dict) -> dict:
+    return {"model_name": info["model_name"], "pretrained": info["pretrained"],
+            "checkpoint_sha256": info["checkpoint_sha256"], "image_size": str(info["image_size"]), "dim": str(info["dim"])}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, workers):
+    model, preprocess, info = load_backbone(tiny_backbone)
+    embedder = Embedder(model, resolve_device("cpu"), "fp16")
+    out = tmp_path / "feat" / "train-000000.arrow"
+    seen = []
+    stats = embed_shard(shard_file, out, embedder, preprocess, ExtractParams(batch_size=4, num_workers=workers),
+                        metadata(info), seen.append)
+    assert stats["images"] == 11 and sum(seen) == 11
+
+    table, meta = read_features(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 16)
+    assert table.schema.field("class_id").type == pa.int32()
+    assert meta["model_name"] == "tiny-vit" and meta["dim"] == "16" and meta["checkpoint_sha256"] == info["checkpoint_sha256"]
+    # values equal a direct forward pass on the decoded JPEGs, in shard order
+    samples = read_shard(shard_file)
+    assert table.column("key").to_pylist() == [s.key for s in samples]
+    batch = torch.stack([preprocess(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in samples])
+    with torch.no_grad():
+        ref = model.encode_image(batch).numpy()
+    assert np.allclose(embeddings_of(table), ref, atol=2e-2 * np.abs(ref).max())
+    # readable by other tools with no project code
+    df = pl.read_ipc(out)
+    assert df.height == 11 and df["embedding"].dtype == pl.Array(pl.Float16, 16)
+
+
+def test_empty_shard_gives_an_empty_valid_file(tmp_path):
+    meta = {"model_name": "m", "pretrained": "p", "checkpoint_sha256": "0" * 64, "image_size": "32", "dim": "8"}
+    write_features(tmp_path / "e.arrow", [], np.zeros(0, np.int32), np.zeros((0, 8), np.float32), meta)
+    table, _ = read_features(tmp_path / "e.arrow")
+    assert table.num_rows == 0 and table.schema.field("embedding").type.list_size == 8
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="extract.device = 'cuda'"):
+        resolve_device("cuda")
