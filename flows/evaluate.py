@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows._cli import main
-from tasks.evaluate import fit_pca, score_line
+from tasks.evaluate import fit_pca, metrics_markdown, score_line
 from tasks.features import load_concat, load_variant_split
 from tasks.params import EvaluateParams
-from tasks.schemas import EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, read_table, write_json
+from tasks.schemas import EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, read_table, write_bytes, write_json
 from tasks.train import embed_with_head, load_head
-
-
-def metrics_markdown(metrics: dict, k: int) -> str:
-    """The metrics as a Markdown table: one row per model line, one column per source."""
-    lines = metrics["lines"]
-    cols = list(next(iter(lines.values())).keys())
-    out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, scores in lines.items():
-        out.append(f"| {name} | " + " | ".join(f"{scores[c]:.4f}" for c in cols) + " |")
-    return "\n".join(out) + f"\n\n{metrics['queries']} queries against {metrics['index']} index images (k={k}).\n"
 
 
 @flow(name="evaluate")
@@ -49,6 +38,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
                "head_minus_best_zero_shot": round(lines["head"][f"mP@{k}"] - max(s[f"mP@{k}"] for n, s in lines.items() if n != "head"), 4)}
     write_json(EVAL_DIR / "metrics.json", metrics)
     table = metrics_markdown(metrics, k)
+    write_bytes(EVAL_DIR / "metrics.md", table.encode("utf-8"))
     create_markdown_artifact(table, key="guie-metrics", description="mP@5 on unseen classes per model line")
     log.info("evaluate:\n%s", table)
     print(table)

@@ -39,3 +39,14 @@ def score_line(embed: Embed, query: SplitFeatures, index: SplitFeatures, query_s
     for source in sorted(set(query_sources)):
         result[source] = round(float(np.nanmean(per_query[sources == source])), 4)
     return {"scores": result, "per_query": per_query, "neighbours": ids}
+
+
+def metrics_markdown(metrics: dict, k: int) -> str:
+    """The metrics as a Markdown table: one row per model line, one column per source."""
+    lines = metrics["lines"]
+    first = next(iter(lines.values()))
+    cols = [f"mP@{k}"] + sorted(c for c in first if c != f"mP@{k}")
+    out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, scores in sorted(lines.items(), key=lambda item: (item[0] == "head", item[0])):
+        out.append(f"| {name} | " + " | ".join(f"{scores[c]:.4f}" for c in cols) + " |")
+    return "\n".join(out) + f"\n\n{metrics['queries']} queries against {metrics['index']} index images (k={k}).\n"
