@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 
 from flows._cli import main
 from tasks.params import Params, SampleParams
-from tasks.sample import build_manifest
+from tasks.sample import build_manifest, check_class_counts
 from tasks.schemas import CATALOG_NAME, CATALOG_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RAW_DIR, read_table, write_json, write_table
 
 
@@ -36,7 +36,8 @@ def sample(sources: list[str], params: SampleParams) -> dict:
 
 
 def run(params: Params, _key: str | None) -> None:
-    # Class counts are checked against the catalogs before anything is written.
+    # Class counts depend on the downloaded catalogs: check them before the flow starts.
+    check_class_counts(read_catalogs(sorted(params.sources)), params.sample)
     sample(sorted(params.sources), params.sample)
 
 

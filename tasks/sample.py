@@ -46,17 +46,31 @@ class SkippedClass:
     reason: str
 
 
-def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int, seed: int) -> tuple[list[str], list[SkippedClass]]:
-    """Pick `num_classes` eligible labels in seeded order; report the ineligible ones."""
+def eligible_classes(catalog: pl.DataFrame, source: str) -> tuple[list[str], list[SkippedClass]]:
+    """Labels with enough images to be sampled, and the ones skipped (with the reason)."""
     counts = catalog.group_by("label").len().sort("label")
     skipped = [SkippedClass(source, r["label"], r["len"], f"fewer than {MIN_IMAGES_PER_CLASS} images")
                for r in counts.filter(pl.col("len") < MIN_IMAGES_PER_CLASS).iter_rows(named=True)]
-    eligible = counts.filter(pl.col("len") >= MIN_IMAGES_PER_CLASS)["label"].to_list()
+    return counts.filter(pl.col("len") >= MIN_IMAGES_PER_CLASS)["label"].to_list(), skipped
+
+
+def check_class_counts(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> None:
+    """Raise ParamsError, before any sampling, when a source has fewer classes than asked for."""
+    for source in sorted(catalogs):
+        eligible, _ = eligible_classes(catalogs[source], source)
+        wanted = params.num_classes[source]
+        if wanted > len(eligible):
+            raise ParamsError(
+                f"sample.num_classes.{source} = {wanted}: source '{source}' has {len(eligible)} classes "
+                f"with >= {MIN_IMAGES_PER_CLASS} images; allowed is 2..{len(eligible)}"
+            )
+
+
+def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int, seed: int) -> tuple[list[str], list[SkippedClass]]:
+    """Pick `num_classes` eligible labels in seeded order; report the ineligible ones."""
+    eligible, skipped = eligible_classes(catalog, source)
     if num_classes > len(eligible):
-        raise ParamsError(
-            f"sample.num_classes.{source} = {num_classes}: source '{source}' has {len(eligible)} classes "
-            f"with >= {MIN_IMAGES_PER_CLASS} images; allowed is 2..{len(eligible)}"
-        )
+        raise ValueError(f"{source}: {num_classes} classes asked for, {len(eligible)} eligible")
     ordered = sorted(eligible, key=lambda label: (seeded_order(seed, source, label), label))
     return ordered[:num_classes], skipped
 
@@ -85,6 +99,7 @@ def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> t
     The same label in two sources stays two classes: ids are given per
     (source, label), in sorted order.
     """
+    check_class_counts(catalogs, params)
     frames, skipped = [], []
     for source in sorted(catalogs):
         frame, skip = sample_source(catalogs[source], source, params.num_classes[source], params)

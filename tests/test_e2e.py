@@ -147,3 +147,10 @@ def test_invalid_params_stop_before_any_work(repo):
     assert proc.returncode != 0
     assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
     set_param(path, "sample", "samples", 5)
+    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 9})
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images; allowed is 2..4" in out
+    assert "Traceback" not in out
+    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4})

@@ -1,0 +1,47 @@
+"""dvc.yaml stays honest: each stage depends on every project module its flow imports, and on its own params."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+
+def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """Project modules imported by `path`, transitively (flows/*, tasks/*)."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("flows", "tasks"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] in ("flows", "tasks")]
+        for name in names:
+            module = REPO / (name.replace(".", "/") + ".py")
+            if module.is_file() and module not in seen:
+                seen.add(module)
+                project_imports(module, seen)
+    return seen
+
+
+def test_every_stage_depends_on_what_its_flow_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        flow = REPO / "flows" / f"{name}.py"
+        assert body["cmd"].startswith(f"python -m flows.{name}"), f"stage {name} must run flows.{name}"
+        needed = {p.relative_to(REPO).as_posix() for p in project_imports(flow) | {flow}}
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in body["deps"]}
+        assert needed <= deps, f"stage {name} lacks deps {sorted(needed - deps)}"
+
+
+def test_every_stage_declares_exactly_its_own_params_section():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        sections = {p.split(".")[0] for p in body["params"]}
+        assert sections == {name if name in params else {"models": "models", "download": "sources", "extract": "extract"}[name]}
