@@ -101,8 +101,9 @@ class SampleParams(_Section):
     seed: int = 0
     # Images per class; raising it adds images and keeps the ones already chosen.
     samples: int = Field(ge=1)
-    # Classes taken per source; every source in `sources` needs an entry.
-    num_classes: dict[str, int]
+    # Classes taken per source ("all" = every class with enough images);
+    # every source in `sources` needs an entry.
+    num_classes: dict[str, Union[int, Literal["all"]]]
     # Share of each source's chosen classes held out for query/index (unseen by training).
     eval_fraction: float = Field(0.4, gt=0.0, lt=1.0)
     # Share of each training class's images used for validation.
@@ -113,7 +114,7 @@ class SampleParams(_Section):
     @model_validator(mode="after")
     def _positive_counts(self) -> "SampleParams":
         for name, n in self.num_classes.items():
-            if n < 2:
+            if n != "all" and n < 2:
                 raise ValueError(f"num_classes.{name} = {n}: must be an integer >= 2")
         return self
 

@@ -59,23 +59,28 @@ def check_class_counts(catalogs: dict[str, pl.DataFrame], params: SampleParams) 
     for source in sorted(catalogs):
         eligible, _ = eligible_classes(catalogs[source], source)
         wanted = params.num_classes[source]
-        if wanted > len(eligible):
+        if wanted == "all":
+            if len(eligible) < 2:
+                raise ParamsError(f"sample.num_classes.{source} = 'all': source '{source}' has {len(eligible)} "
+                                  f"classes with >= {MIN_IMAGES_PER_CLASS} images; at least 2 are needed")
+        elif wanted > len(eligible):
             raise ParamsError(
                 f"sample.num_classes.{source} = {wanted}: source '{source}' has {len(eligible)} classes "
                 f"with >= {MIN_IMAGES_PER_CLASS} images; allowed is 2..{len(eligible)}"
             )
 
 
-def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int, seed: int) -> tuple[list[str], list[SkippedClass]]:
-    """Pick `num_classes` eligible labels in seeded order; report the ineligible ones."""
+def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, seed: int) -> tuple[list[str], list[SkippedClass]]:
+    """Pick `num_classes` eligible labels (or all of them) in seeded order; report the ineligible ones."""
     eligible, skipped = eligible_classes(catalog, source)
+    num_classes = len(eligible) if num_classes == "all" else num_classes
     if num_classes > len(eligible):
         raise ValueError(f"{source}: {num_classes} classes asked for, {len(eligible)} eligible")
     ordered = sorted(eligible, key=lambda label: (seeded_order(seed, source, label), label))
     return ordered[:num_classes], skipped
 
 
-def sample_source(catalog: pl.DataFrame, source: str, num_classes: int, params: SampleParams) -> tuple[pl.DataFrame, list[SkippedClass]]:
+def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, params: SampleParams) -> tuple[pl.DataFrame, list[SkippedClass]]:
     """Rows (key, source, label, path, split) sampled from one source's catalog."""
     classes, skipped = choose_classes(catalog, source, num_classes, params.seed)
     rows = []

@@ -154,3 +154,19 @@ def test_invalid_params_stop_before_any_work(repo):
     assert "sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images; allowed is 2..4" in out
     assert "Traceback" not in out
     set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4})
+
+
+def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
+    """`python -m flows.pipeline` brings DVC up to date and leaves the table as a Prefect artifact."""
+    path, env = repo
+    set_param(path, "train", "epochs", 2)
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert ran(out) == {"train", "evaluate"} and "| head |" in out
+    query = json.dumps({"artifacts": {"key": {"any_": ["guie-pipeline-metrics"]}}}).encode()
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/artifacts/filter", data=query,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        artifacts = json.loads(resp.read())
+    assert artifacts and "| head |" in artifacts[0]["data"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
 from tasks.params import ParamsError, SampleParams
 from tasks.sample import build_manifest, image_key, is_minority
@@ -94,3 +95,10 @@ def test_same_label_in_two_sources_stays_two_classes():
     m = pl.from_arrow(build_manifest(cats, params(num_classes={"a": 3, "b": 3}))[0])
     assert m.select("source", "label").unique().height == m["class_id"].n_unique() == 6
     assert image_key("a", "x/y.jpg") != image_key("b", "x/y.jpg")
+
+
+def test_all_classes():
+    m = pl.from_arrow(build_manifest(CATALOGS, params(num_classes={"a": "all", "b": 3}))[0])
+    assert m.filter(pl.col("source") == "a")["label"].n_unique() == 12
+    with pytest.raises(ValidationError, match="num_classes.a = 1"):
+        SampleParams(samples=2, num_classes={"a": 1})
