@@ -41,7 +41,6 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     write_bytes(EVAL_DIR / "metrics.md", table.encode("utf-8"))
     create_markdown_artifact(table, key="guie-metrics", description="mP@5 on unseen classes per model line")
     log.info("evaluate:\n%s", table)
-    print(table)
     return metrics
 
 
