@@ -50,3 +50,22 @@ def metrics_markdown(metrics: dict, k: int) -> str:
     for name, scores in sorted(lines.items(), key=lambda item: (item[0] == "head", item[0])):
         out.append(f"| {name} | " + " | ".join(f"{scores[c]:.4f}" for c in cols) + " |")
     return "\n".join(out) + f"\n\n{metrics['queries']} queries against {metrics['index']} index images (k={k}).\n"
+
+
+def metrics_rows(metrics: dict) -> list[dict]:
+    """One row per model line, for a table artifact."""
+    return [{"model": name, **scores} for name, scores in metrics["lines"].items()]
+
+
+def metrics_diff_markdown(before: dict | None, after: dict) -> str:
+    """Markdown of how each line's mP@k moved since `before` (None: the first run)."""
+    k = after["k"]
+    if before is None:
+        return "First run: no previous metrics to compare with.\n"
+    out = [f"| model | previous mP@{k} | mP@{k} | change |", "|---|---|---|---|"]
+    for name, scores in after["lines"].items():
+        old = before.get("lines", {}).get(name, {}).get(f"mP@{k}")
+        new = scores[f"mP@{k}"]
+        change = "new" if old is None else f"{new - old:+.4f}"
+        out.append(f"| {name} | {'-' if old is None else f'{old:.4f}'} | {new:.4f} | {change} |")
+    return "\n".join(out) + "\n"

@@ -170,3 +170,53 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     with urllib.request.urlopen(req, timeout=10) as resp:
         artifacts = json.loads(resp.read())
     assert artifacts and "| head |" in artifacts[0]["data"]
+    diff = api(env, "artifacts/filter", {"artifacts": {"key": {"any_": ["guie-pipeline-metrics-diff"]}}})
+    assert diff and "previous mP@5" in diff[0]["data"]
+    # every stage's flow runs reported to the same server, all Completed
+    flows = {f["id"]: f["name"] for f in api(env, "flows/filter", {})}
+    runs = api(env, "flow_runs/filter", {"limit": 200})
+    by_flow: dict[str, set[str]] = {}
+    for r in runs:
+        by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
+    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "pipeline"}
+    assert all(states == {"COMPLETED"} for states in by_flow.values()), by_flow
+
+
+def api(env: dict, route: str, body: dict):
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/{route}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def git(repo: Path, env: dict, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
+    """The script the GitHub workflow calls, on a base branch and a params change."""
+    path, env = repo
+    git(path, env, "add", "-A")
+    git(path, env, "commit", "-qm", "base")
+    git(path, env, "branch", "-f", "base")
+    set_param(path, "train", "epochs", 4)
+    summary = tmp_path / "summary.md"
+    proc = subprocess.run([sys.executable, str(REPO / ".ci" / "reevaluate.py"), "--base", "base",
+                           "--output", str(tmp_path / "report.md")],
+                          cwd=path, env={**env, "GITHUB_STEP_SUMMARY": str(summary)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate"}
+    report = (tmp_path / "report.md").read_text()
+    assert summary.read_text() == report
+    assert re.search(r"\|\s*params.yaml\s*\|\s*train.epochs\s*\|\s*2\s*\|\s*4\s*\|", report), report
+    assert "lines.head.mP@5" in report and "train_loss" in report
+    git(path, env, "checkout", "-q", "--", "params.yaml")
+    run(path, env, "repro")
+
+
+def test_dvc_experiments_run_and_show_metrics(repo):
+    path, env = repo
+    run(path, env, "exp", "run", "-S", "train.epochs=3", "-n", "epochs3")
+    shown = json.loads(run(path, env, "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert "epochs3" in text and "mP@5" in text
