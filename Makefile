@@ -14,7 +14,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test data-packages repro metrics clean-data
+.PHONY: setup demo test data-packages metrics server deploy worker
 
 setup: $(STAMP) data-packages
 
@@ -50,3 +50,21 @@ test: setup
 
 metrics:
 	dvc metrics show
+
+# --- Prefect UI and scheduled runs (see README) ------------------------------
+PREFECT_PORT ?= 4200
+SERVER_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+
+# The UI at http://127.0.0.1:$(PREFECT_PORT); runs of `make demo` are in the same database.
+server: setup
+	PREFECT_UI_API_URL=$(SERVER_URL) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Register prefect.yaml's deployments (nightly cron) and their process work pool.
+deploy: setup
+	PREFECT_API_URL=$(SERVER_URL) prefect work-pool inspect guie-local >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(SERVER_URL) prefect work-pool create guie-local --type process
+	PREFECT_API_URL=$(SERVER_URL) GUIE_PROJECT_DIR=$(CURDIR) prefect --no-prompt deploy --all
+
+# Execute scheduled and manual runs of the deployments.
+worker: setup
+	PREFECT_API_URL=$(SERVER_URL) prefect worker start --pool guie-local

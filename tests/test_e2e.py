@@ -220,3 +220,53 @@ def test_dvc_experiments_run_and_show_metrics(repo):
     shown = json.loads(run(path, env, "exp", "show", "--json"))
     text = json.dumps(shown)
     assert "epochs3" in text and "mP@5" in text
+
+
+def wait_for(predicate, timeout: float = 90.0, step: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_serve_registers_a_scheduled_deployment(repo):
+    path, env = repo
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve", "--cron", "*/30 * * * *", "--name", "served"],
+                            cwd=path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deployments = wait_for(lambda: [d for d in api(env, "deployments/filter", {}) if d["name"] == "served"])
+        crons = [s["schedule"].get("cron") for s in deployments[0]["schedules"]]
+        assert crons == ["*/30 * * * *"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_prefect_yaml_deployment_runs_through_a_work_pool(repo):
+    """`prefect deploy` from prefect.yaml, then a process worker executes a run of it."""
+    path, env = repo
+    shutil.copy(REPO / "prefect.yaml", path / "prefect.yaml")
+    prefect = str(BIN / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "guie-local", "--type", "process"], cwd=path, env=env,
+                   check=True, capture_output=True)
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=path, capture_output=True, text=True,
+                            env={**env, "GUIE_PROJECT_DIR": str(path)})
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    nightly = [d for d in api(env, "deployments/filter", {}) if d["name"] == "nightly"][0]
+    assert nightly["work_pool_name"] == "guie-local"
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    run = api(env, f"deployments/{nightly['id']}/create_flow_run", {})
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "guie-local", "--run-once"], cwd=path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    state = wait_for(lambda: (lambda r: r["state_type"] if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(
+        api_get(env, f"flow_runs/{run['id']}")))
+    assert state == "COMPLETED"
+
+
+def api_get(env: dict, route: str):
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/{route}", timeout=10) as resp:
+        return json.loads(resp.read())
