@@ -8,7 +8,6 @@ float16 embeddings atomically with the model's identity in the metadata.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.params import ExtractParams
+from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas import write_features
 
 
@@ -40,15 +39,15 @@ def read_shard(url: str | Path) -> list[Sample]:
 class _Decoded(Dataset):
     """Decode + preprocess by index, so DataLoader workers share the work of one shard."""
 
-    def __init__(self, samples: list[Sample], preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, samples: list[Sample], preprocess: Preprocess):
         self.samples, self.preprocess = samples, preprocess
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(self.samples[i].jpeg)) as im:
-            return self.preprocess(im.convert("RGB"))
+        with torch.no_grad():
+            return self.preprocess(decode_rgb(self.samples[i].jpeg)[None])[0]
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -80,14 +79,14 @@ class Embedder:
         return feats.float().cpu().numpy()
 
 
-def batches(samples: list[Sample], preprocess: Callable, params: ExtractParams, pin: bool) -> Iterator[torch.Tensor]:
+def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams, pin: bool) -> Iterator[torch.Tensor]:
     loader = DataLoader(_Decoded(samples, preprocess), batch_size=params.batch_size, shuffle=False,
                         num_workers=params.num_workers, pin_memory=pin,
                         persistent_workers=False, prefetch_factor=4 if params.num_workers else None)
     yield from loader
 
 
-def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Callable, params: ExtractParams,
+def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess, params: ExtractParams,
                 metadata: dict[str, str], progress: Callable[[int], None] | None = None) -> dict:
     """Embed one shard into `out` (Arrow IPC); returns counts and timing."""
     start = time.perf_counter()

@@ -1,21 +1,31 @@
-"""The embedding head and the ArcFace loss it is trained with.
+"""Embedding heads and the ArcFace family of losses the top GUIE entries trained them with.
 
-Head: Dropout -> Linear(D, 64) -> L2 normalisation (the Dense-64 recipe).
-ArcFace adds an angular margin m to the angle between an embedding and its
-own class centre, then scales all cosines by s, so classes must be separated
-by an angle, not just ranked.
+Heads (all end in L2 normalisation, so Euclidean k-NN ranks by cosine):
+  dropout_linear  Dropout -> Linear(D, 64)                  (the Dense-64 recipe, default)
+  bn_linear       BatchNorm -> Linear(D, 64)                (5th place)
+  multi_dropout   K parallel Dropout -> Linear(D, 64), mean (3rd place)
+
+Loss: ArcFace adds an angular margin m to the angle between an embedding
+and its own class centre and scales all cosines by s. Variants: k
+sub-centres per class (the class cosine is the best of its k centres) and
+per-class margins that grow as a class gets rarer (2nd and 6th place).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+HEAD_KINDS = ("dropout_linear", "bn_linear", "multi_dropout")
+
 
 class EmbeddingHead(nn.Module):
+    """Dropout -> Linear -> L2."""
+
     def __init__(self, in_dim: int, out_dim: int = 64, dropout: float = 0.2):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
@@ -25,29 +35,88 @@ class EmbeddingHead(nn.Module):
         return F.normalize(self.linear(self.dropout(x)), dim=-1)
 
 
-class ArcFace(nn.Module):
-    """Additive angular margin logits: s * cos(theta_y + m) for the true class, s * cos(theta_j) otherwise."""
+class BNLinearHead(nn.Module):
+    """BatchNorm -> Linear -> L2: normalises each feature before projecting."""
 
-    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3):
+    def __init__(self, in_dim: int, out_dim: int = 64):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        self.bn = nn.BatchNorm1d(in_dim)
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(self.bn(x)), dim=-1)
+
+
+class MultiDropoutHead(nn.Module):
+    """K branches of Dropout -> Linear, averaged, then L2 (one linear map at inference)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 64, dropout: float = 0.2, branches: int = 4):
+        super().__init__()
+        self.dropouts = nn.ModuleList(nn.Dropout(dropout) for _ in range(branches))
+        self.linears = nn.ModuleList(nn.Linear(in_dim, out_dim) for _ in range(branches))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([lin(drop(x)) for drop, lin in zip(self.dropouts, self.linears)]).mean(0)
+        return F.normalize(out, dim=-1)
+
+
+def build_head(kind: str, in_dim: int, out_dim: int, dropout: float, branches: int = 4) -> nn.Module:
+    if kind == "dropout_linear":
+        return EmbeddingHead(in_dim, out_dim, dropout)
+    if kind == "bn_linear":
+        return BNLinearHead(in_dim, out_dim)
+    if kind == "multi_dropout":
+        return MultiDropoutHead(in_dim, out_dim, dropout, branches)
+    raise ValueError(f"head kind {kind!r}: allowed are {HEAD_KINDS}")
+
+
+def dynamic_margins(class_counts: np.ndarray, low: float, high: float) -> torch.Tensor:
+    """Per-class margins from `low` (most frequent) to `high` (rarest), linear in count^(-1/4)."""
+    inv = np.asarray(class_counts, dtype=np.float64) ** -0.25
+    span = inv.max() - inv.min()
+    scaled = (inv - inv.min()) / span if span > 0 else np.zeros_like(inv)
+    return torch.tensor(low + (high - low) * scaled, dtype=torch.float32)
+
+
+class ArcFace(nn.Module):
+    """Additive angular margin logits: s*cos(theta_y + m_y) for the true class, s*cos(theta_j) otherwise.
+
+    `subcenters` > 1 gives each class k centres and scores a class by its
+    closest centre; `margins` (one per class) replaces the single margin.
+    """
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3,
+                 subcenters: int = 1, margins: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.num_classes, self.subcenters = num_classes, subcenters
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, dim))
         nn.init.xavier_uniform_(self.weight)
-        self.scale, self.margin = scale, margin
+        self.scale, self.label_smoothing = scale, label_smoothing
+        margins = torch.full((num_classes,), float(margin)) if margins is None else margins.float()
+        if margins.shape != (num_classes,):
+            raise ValueError(f"margins must have shape ({num_classes},), got {tuple(margins.shape)}")
+        self.register_buffer("margins", margins)
+
+    def cosines(self, emb: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1))
+        if self.subcenters > 1:
+            cos = cos.view(-1, self.num_classes, self.subcenters).max(dim=-1).values
+        return cos.clamp(-1 + 1e-7, 1 - 1e-7)
 
     def logits(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1)).clamp(-1 + 1e-7, 1 - 1e-7)
+        cos = self.cosines(emb)
+        m = self.margins[labels].unsqueeze(1)
         theta = torch.acos(cos)
-        target = torch.cos(theta + self.margin)
-        # Past pi - m, cos(theta + m) would rise again: fall back to a linear penalty (the usual "easy margin" guard).
-        limit = math.pi - self.margin
-        target = torch.where(theta <= limit, target, cos - math.sin(self.margin) * self.margin)
-        one_hot = F.one_hot(labels, cos.shape[1]).bool()
+        target = torch.cos(theta + m)
+        # Past pi - m, cos(theta + m) would rise again: use a linear penalty there instead.
+        target = torch.where(theta <= math.pi - m, target, cos - torch.sin(m) * m)
+        one_hot = F.one_hot(labels, self.num_classes).bool()
         return self.scale * torch.where(one_hot, target, cos)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(emb, labels), labels)
+        return F.cross_entropy(self.logits(emb, labels), labels, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def predict(self, emb: torch.Tensor) -> torch.Tensor:
-        """Nearest class centre by cosine (no margin)."""
-        return F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1)).argmax(dim=-1)
+        """Nearest class (best sub-centre) by cosine, no margin."""
+        return self.cosines(emb).argmax(dim=-1)

@@ -13,12 +13,13 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import open_clip
 import torch
 from safetensors.torch import save_file
 
+from tasks.preprocess import Preprocess
 from tasks.params import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
 from tasks.schemas import atomic_path, sha256_file, write_json
 
@@ -180,10 +181,15 @@ def _write_config_only(out_dir: Path, config: dict[str, Any]) -> Path:
     return out_dir
 
 
-def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
-    """Load a variant through open_clip; returns (model in eval mode, preprocess, model info)."""
+def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Preprocess, dict[str, Any]]:
+    """Load a variant through open_clip; returns (model in eval mode, tensor preprocess, model info).
+
+    The preprocessing follows the config open_clip resolved for the model
+    (size, mean, std, interpolation, resize mode), as a module on uint8
+    tensors that the exported embedder can hold too.
+    """
     model_dir = Path(model_dir)
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}", device=device)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{model_dir}", device=device)
     model.eval()
     info = json.loads((model_dir / "model.json").read_text())
-    return model, preprocess, info
+    return model, Preprocess.from_cfg(model.visual.preprocess_cfg), info

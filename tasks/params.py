@@ -146,14 +146,41 @@ class TrainParams(_Section):
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     embedding_dim: int = Field(64, ge=2, le=64)
+    # dropout_linear (default), bn_linear (5th place), multi_dropout (3rd place).
+    head: Literal["dropout_linear", "bn_linear", "multi_dropout"] = "dropout_linear"
+    branches: int = Field(4, ge=1, le=32)  # multi_dropout only
+    # arcface; subcenter_arcface (k centres per class); dynamic_arcface (rarer classes, larger margin).
+    loss: Literal["arcface", "subcenter_arcface", "dynamic_arcface"] = "arcface"
     arcface_scale: float = Field(30.0, gt=0.0)
     arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+    subcenters: int = Field(3, ge=1, le=16)  # subcenter_arcface only
+    # dynamic_arcface: margins from the most frequent class to the rarest.
+    margin_min: float = Field(0.2, ge=0.0, lt=1.5)
+    margin_max: float = Field(0.45, ge=0.0, lt=1.5)
+    schedule: Literal["linear", "cosine"] = "linear"  # both after the linear warm-up
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # Stop when the val split's mP@5 has not improved for this many epochs (0: never) and keep the best epoch.
+    early_stopping_patience: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _margin_order(self) -> "TrainParams":
+        if self.margin_min > self.margin_max:
+            raise ValueError(f"train.margin_min = {self.margin_min} > train.margin_max = {self.margin_max}: "
+                             "the rarest class's margin must be the larger")
+        return self
 
 
 class EvaluateParams(_Section):
     k: int = Field(5, ge=1)
     # PCA output size of the zero-shot baselines; GUIE caps embeddings at 64.
     pca_dim: int = Field(64, ge=2, le=64)
+
+
+class ExportParams(_Section):
+    # Eval images on which the exported embedder must reproduce the pipeline's embeddings.
+    verify_images: int = Field(64, ge=1)
+    # Largest |exported - pipeline| allowed; the pipeline stores features as float16.
+    tolerance: float = Field(1e-3, gt=0.0)
 
 
 class Params(_Section):
@@ -164,6 +191,7 @@ class Params(_Section):
     extract: ExtractParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

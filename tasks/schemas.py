@@ -29,6 +29,7 @@ SHARDS_DIR = DATA / "03_shards"
 FEATURES_DIR = DATA / "04_features"
 HEAD_DIR = DATA / "05_head"
 EVAL_DIR = DATA / "06_eval"
+EXPORT_DIR = DATA / "07_export"
 
 SPLITS = ("train", "val", "query", "index")
 CATALOG_NAME = "catalog.parquet"
@@ -94,7 +95,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

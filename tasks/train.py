@@ -1,4 +1,4 @@
-"""Train the 64-d head with ArcFace on precomputed backbone embeddings.
+"""Train the 64-d head with an ArcFace-family loss on precomputed backbone embeddings.
 
 Features are small next to images, so training runs on the CPU in seconds:
 the whole train split sits in one tensor and an epoch is a shuffled pass
@@ -7,19 +7,26 @@ over it in minibatches.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import SplitFeatures
-from tasks.heads import ArcFace, EmbeddingHead
+from tasks.heads import ArcFace, build_head, dynamic_margins
+from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
 from tasks.schemas import atomic_path, write_json
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head.json"
 
 
 def warmup_linear_decay(total_steps: int, warmup_steps: int):
@@ -32,24 +39,55 @@ def warmup_linear_decay(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier: linear warm-up, then half a cosine from 1 down to 0."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 @dataclass
 class TrainResult:
-    head: EmbeddingHead
+    head: nn.Module
     history: list[dict[str, float]]
     metrics: dict[str, float]
 
 
-def _accuracy_and_loss(head: EmbeddingHead, arc: ArcFace, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    if len(x) == 0:
-        return float("nan"), float("nan")
+def embed_with_head(head: nn.Module, features: np.ndarray) -> np.ndarray:
     head.eval()
     with torch.no_grad():
-        emb = head(x)
-        return (arc.predict(emb) == y).float().mean().item(), arc(emb, y).item()
+        return head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
+
+
+def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.Tensor, yv: torch.Tensor,
+                val_ids: np.ndarray) -> dict[str, float]:
+    """Val accuracy and loss, and val mP@5 with the train split as the index (the early-stopping signal)."""
+    if len(xv) == 0:
+        return {"val_acc": float("nan"), "val_loss": float("nan"), "val_mP@5": float("nan")}
+    head.eval()
+    with torch.no_grad():
+        emb = head(xv)
+        acc, loss = (arc.predict(emb) == yv).float().mean().item(), arc(emb, yv).item()
+    index = embed_with_head(head, train.embeddings)
+    mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.numpy(), val_ids, k=5)
+    return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
+
+
+def make_loss(params: TrainParams, labels: torch.Tensor, num_classes: int) -> ArcFace:
+    margins = None
+    if params.loss == "dynamic_arcface":
+        counts = np.bincount(labels.numpy(), minlength=num_classes)
+        margins = dynamic_margins(counts, params.margin_min, params.margin_max)
+    return ArcFace(params.embedding_dim, num_classes, params.arcface_scale, params.arcface_margin,
+                   subcenters=params.subcenters if params.loss == "subcenter_arcface" else 1,
+                   margins=margins, label_smoothing=params.label_smoothing)
 
 
 def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) -> TrainResult:
-    """Fit head + ArcFace; deterministic for a given seed and input order."""
+    """Fit head + loss; deterministic for a given seed and input order."""
     if len(train.keys) == 0:
         raise ValueError("train split is empty: nothing to train on")
     torch.manual_seed(params.seed)
@@ -61,60 +99,64 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
     xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, x.shape[1])
     yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long)
 
-    head = EmbeddingHead(x.shape[1], params.embedding_dim, params.dropout)
-    arc = ArcFace(params.embedding_dim, len(classes), params.arcface_scale, params.arcface_margin)
+    head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout, params.branches)
+    arc = make_loss(params, y, len(classes))
     opt = torch.optim.AdamW(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
                             weight_decay=params.weight_decay)
     steps_per_epoch = -(-len(x) // params.batch_size)
     total = steps_per_epoch * params.epochs
-    sched = LambdaLR(opt, warmup_linear_decay(total, int(params.warmup_fraction * total)))
+    shape = warmup_cosine if params.schedule == "cosine" else warmup_linear_decay
+    sched = LambdaLR(opt, shape(total, int(params.warmup_fraction * total)))
     gen = torch.Generator().manual_seed(params.seed)
 
-    history = []
+    history: list[dict[str, float]] = []
+    best, best_state, since_best = -1.0, None, 0
     for epoch in range(1, params.epochs + 1):
         head.train()
         order = torch.randperm(len(x), generator=gen)
-        losses = []
+        losses, correct = [], 0
         for i in range(0, len(x), params.batch_size):
             idx = order[i:i + params.batch_size]
-            loss = arc(head(x[idx]), y[idx])
+            if len(idx) < 2 and params.head == "bn_linear":
+                continue  # BatchNorm cannot normalise a batch of one
+            emb = head(x[idx])
+            loss = arc(emb, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
-        train_acc, _ = _accuracy_and_loss(head, arc, x, y)
-        val_acc, val_loss = _accuracy_and_loss(head, arc, xv, yv)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "train_acc": train_acc,
-                        "val_loss": val_loss, "val_acc": val_acc, "lr": sched.get_last_lr()[0]})
-    last = history[-1]
-    metrics = {"train_loss": last["train_loss"], "train_acc": last["train_acc"], "val_loss": last["val_loss"],
-               "val_acc": last["val_acc"], "epochs": params.epochs, "num_classes": len(classes),
-               "train_images": len(x), "val_images": len(xv)}
+            correct += (arc.predict(emb.detach()) == y[idx]).sum().item()
+        scores = _val_scores(head, arc, train, xv, yv, val.class_ids[known])
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "train_acc": correct / len(x),
+                        **scores, "lr": sched.get_last_lr()[0]})
+        if params.early_stopping_patience and not math.isnan(scores["val_mP@5"]):
+            if scores["val_mP@5"] > best:
+                best, best_state, since_best = scores["val_mP@5"], copy.deepcopy(head.state_dict()), 0
+            else:
+                since_best += 1
+                if since_best >= params.early_stopping_patience:
+                    break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
+    final = _val_scores(head, arc, train, xv, yv, val.class_ids[known])
+    metrics = {"train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"], **final,
+               "epochs_run": len(history), "num_classes": len(classes), "train_images": len(x), "val_images": len(xv)}
     return TrainResult(head, history, metrics)
 
 
-def embed_with_head(head: EmbeddingHead, features: np.ndarray) -> np.ndarray:
-    head.eval()
-    with torch.no_grad():
-        return head(torch.from_numpy(features)).numpy()
-
-
-HEAD_WEIGHTS = "head.safetensors"
-HEAD_CONFIG = "head.json"
-
-
-def save_head(head: EmbeddingHead, out_dir: Path, variants: list[str]) -> None:
+def save_head(head: nn.Module, out_dir: Path, variants: list[str], params: TrainParams) -> None:
     """Weights as safetensors plus the config needed to rebuild the head (no pickle)."""
     with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
-    write_json(out_dir / HEAD_CONFIG, {"in_dim": head.linear.in_features, "out_dim": head.linear.out_features,
-                                       "dropout": head.dropout.p, "variants": variants})
+    in_dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
+    write_json(out_dir / HEAD_CONFIG, {"kind": params.head, "in_dim": in_dim, "out_dim": params.embedding_dim,
+                                       "dropout": params.dropout, "branches": params.branches, "variants": variants})
 
 
-def load_head(out_dir: Path) -> tuple[EmbeddingHead, list[str]]:
+def load_head(out_dir: Path) -> tuple[nn.Module, list[str]]:
     cfg = json.loads((out_dir / HEAD_CONFIG).read_text())
-    head = EmbeddingHead(cfg["in_dim"], cfg["out_dim"], cfg["dropout"])
+    head = build_head(cfg["kind"], cfg["in_dim"], cfg["out_dim"], cfg["dropout"], cfg["branches"])
     head.load_state_dict(load_file(str(out_dir / HEAD_WEIGHTS)))
     return head.eval(), cfg["variants"]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import jpeg_bytes
+from tasks.preprocess import decode_rgb
 from tasks.extract import Embedder, embed_shard, read_shard, resolve_device
 from tasks.models import load_backbone
 from tasks.params import ExtractParams, ShardParams
@@ -55,7 +56,7 @@ def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, wo
     # values equal a direct forward pass on the decoded JPEGs, in shard order
     samples = read_shard(shard_file)
     assert table.column("key").to_pylist() == [s.key for s in samples]
-    batch = torch.stack([preprocess(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in samples])
+    batch = torch.cat([preprocess(decode_rgb(s.jpeg)[None]) for s in samples])
     with torch.no_grad():
         ref = model.encode_image(batch).numpy()
     assert np.allclose(embeddings_of(table), ref, atol=2e-2 * np.abs(ref).max())

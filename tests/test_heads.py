@@ -1,4 +1,4 @@
-"""ArcFace logits, the warm-up/decay schedule, and a training run that learns."""
+"""Heads, ArcFace variants, schedules and early stopping."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from tasks.features import SplitFeatures
-from tasks.heads import ArcFace, EmbeddingHead
+from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.params import TrainParams
-from tasks.train import embed_with_head, load_head, save_head, train_head, warmup_linear_decay
+from tasks.train import embed_with_head, load_head, save_head, train_head, warmup_cosine, warmup_linear_decay
+
+
+def expected_target(cos: float, m: float) -> float:
+    theta = math.acos(cos)
+    return math.cos(theta + m) if theta <= math.pi - m else cos - math.sin(m) * m
 
 
 def test_arcface_adds_margin_to_target_angle_only():
@@ -20,45 +25,85 @@ def test_arcface_adds_margin_to_target_angle_only():
     arc = ArcFace(dim=8, num_classes=5, scale=10.0, margin=0.4)
     emb = F.normalize(torch.randn(4, 8), dim=-1)
     labels = torch.tensor([0, 3, 1, 4])
-    logits = arc.logits(emb, labels)
+    logits = arc.logits(emb, labels).detach()
     cos = (emb @ F.normalize(arc.weight, dim=-1).T).detach()
     for i, y in enumerate(labels.tolist()):
-        theta = math.acos(float(cos[i, y]))
-        expected = math.cos(theta + 0.4) if theta <= math.pi - 0.4 else float(cos[i, y]) - math.sin(0.4) * 0.4
-        assert logits[i, y].item() == pytest.approx(10.0 * expected, abs=1e-4)
+        assert logits[i, y].item() == pytest.approx(10.0 * expected_target(float(cos[i, y]), 0.4), abs=1e-4)
         others = [j for j in range(5) if j != y]
         assert torch.allclose(logits[i, others], 10.0 * cos[i, others], atol=1e-5)
     assert arc(emb, labels).item() > F.cross_entropy(10.0 * cos, labels).item()  # margin makes it harder
 
 
-def test_head_outputs_unit_vectors_of_requested_dim():
-    head = EmbeddingHead(32, 64, dropout=0.5).eval()
+def test_subcenter_arcface_max_pools_over_centres():
+    torch.manual_seed(1)
+    arc = ArcFace(dim=6, num_classes=3, scale=1.0, margin=0.0, subcenters=4)
+    assert arc.weight.shape == (12, 6)
+    emb = F.normalize(torch.randn(5, 6), dim=-1)
+    all_cos = (emb @ F.normalize(arc.weight, dim=-1).T).view(5, 3, 4).detach()
+    assert torch.allclose(arc.cosines(emb).detach(), all_cos.max(-1).values, atol=1e-6)
+    assert torch.equal(arc.predict(emb), all_cos.max(-1).values.argmax(-1))
+
+
+def test_dynamic_margins_grow_as_classes_get_rarer_and_apply_per_class():
+    m = dynamic_margins(np.array([100, 10, 1, 100]), 0.1, 0.5)
+    assert m[2].item() == pytest.approx(0.5) and m[0].item() == pytest.approx(0.1) and m[3] == m[0]
+    assert m[0] < m[1] < m[2]
+    torch.manual_seed(2)
+    arc = ArcFace(dim=4, num_classes=4, scale=1.0, margins=m)
+    emb = F.normalize(torch.randn(4, 4), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3])
+    logits, cos = arc.logits(emb, labels).detach(), arc.cosines(emb).detach()
+    for i in range(4):
+        assert logits[i, i].item() == pytest.approx(expected_target(float(cos[i, i]), float(m[i])), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dropout_linear", "bn_linear", "multi_dropout"])
+def test_heads_output_unit_vectors_of_requested_dim(kind):
+    head = build_head(kind, 32, 64, dropout=0.5, branches=3).eval()
     out = head(torch.randn(7, 32))
     assert out.shape == (7, 64) and torch.allclose(out.norm(dim=1), torch.ones(7), atol=1e-5)
 
 
-def test_warmup_then_linear_decay():
+def test_schedules():
     f = warmup_linear_decay(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
+    c = warmup_cosine(total_steps=110, warmup_steps=10)
+    assert c(4) == pytest.approx(0.5) and c(10) == pytest.approx(1.0)
+    assert c(60) == pytest.approx(0.5) and c(110) == pytest.approx(0.0, abs=1e-12)
 
 
-def clusters(n_classes: int, per_class: int, dim: int, seed: int) -> SplitFeatures:
+def clusters(n_classes: int, per_class: int, dim: int, seed: int, noise: float = 0.8) -> SplitFeatures:
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(99).normal(size=(n_classes, dim))
     ids = np.repeat(np.arange(n_classes), per_class)
-    emb = (centres[ids] + 0.8 * rng.normal(size=(len(ids), dim))).astype(np.float32)
+    emb = (centres[ids] + noise * rng.normal(size=(len(ids), dim))).astype(np.float32)
     return SplitFeatures([f"k{i}" for i in range(len(ids))], ids, emb)
 
 
-def test_training_learns_and_is_deterministic(tmp_path):
-    p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16, arcface_scale=16.0)
+@pytest.mark.parametrize("head,loss", [("dropout_linear", "arcface"), ("bn_linear", "subcenter_arcface"),
+                                       ("multi_dropout", "dynamic_arcface")])
+def test_training_learns_and_is_deterministic(tmp_path, head, loss):
+    p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16, arcface_scale=16.0,
+                    head=head, loss=loss, schedule="cosine", label_smoothing=0.1)
     train, val = clusters(6, 20, 24, 0), clusters(6, 5, 24, 1)
     a, b = train_head(train, val, p), train_head(train, val, p)
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
-    assert a.metrics["val_acc"] > 0.8
+    assert a.metrics["val_acc"] > 0.8 and a.metrics["val_mP@5"] > 0.8
     assert a.history == b.history
-    save_head(a.head, tmp_path, ["v"])
-    head, variants = load_head(tmp_path)
+    save_head(a.head, tmp_path, ["v"], p)
+    loaded, variants = load_head(tmp_path)
     assert variants == ["v"]
-    assert np.allclose(embed_with_head(head, val.embeddings), embed_with_head(a.head, val.embeddings))
+    assert np.allclose(embed_with_head(loaded, val.embeddings), embed_with_head(a.head, val.embeddings), atol=1e-6)
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch():
+    # noisy data and a high learning rate: val mP@5 peaks early, then stalls
+    train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
+    p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3, warmup_fraction=0.0)
+    result = train_head(train, val, p)
+    curve = [h["val_mP@5"] for h in result.history]
+    assert len(curve) < 60, "training never stopped"
+    best = max(curve)
+    assert curve.index(best) == len(curve) - 1 - 3  # stopped exactly `patience` epochs after the best
+    assert result.metrics["val_mP@5"] == pytest.approx(best)  # the best epoch's weights were kept

@@ -1,0 +1,67 @@
+"""Stage `export`: backbones + head -> data/07_export/embedder.pt2 (uint8 images -> 64-d), verified."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from prefect import flow, get_run_logger
+
+from flows._cli import main
+from tasks.export import Embedder, embed_images, export_embedder, load_exported
+from tasks.extract import read_shard
+from tasks.features import load_concat
+from tasks.models import load_backbone
+from tasks.params import ExportParams
+from tasks.preprocess import decode_rgb
+from tasks.schemas import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARD_INDEX, SHARDS_DIR, write_json
+from tasks.train import embed_with_head, load_head
+
+EMBEDDER = EXPORT_DIR / "embedder.pt2"
+
+
+def eval_samples(limit: int) -> list:
+    """The first `limit` query images, straight from the shards the pipeline embedded."""
+    index = json.loads((SHARDS_DIR / SHARD_INDEX).read_text())
+    samples = []
+    for entry in index["shardlist"]:
+        if entry["split"] == "query" and len(samples) < limit:
+            samples.extend(read_shard(SHARDS_DIR / entry["url"])[: limit - len(samples)])
+    return samples
+
+
+@flow(name="export")
+def export(params: ExportParams) -> dict:
+    """Export preprocessing + backbones + head as one program, then check it against the pipeline."""
+    log = get_run_logger()
+    head, variants = load_head(HEAD_DIR)
+    towers = []
+    for v in variants:
+        model, preprocess, _ = load_backbone(MODELS_DIR / v)
+        towers.append((preprocess, model.visual))
+    samples = eval_samples(params.verify_images)
+    images = [decode_rgb(s.jpeg) for s in samples]
+    # Batch 2 and H != W in the example, so neither dimension gets specialised.
+    example = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    export_embedder(Embedder(towers, head), EMBEDDER, example)
+
+    # The pipeline's own embeddings of the same images: stored features through the head.
+    query = load_concat(variants, "query")
+    row = {k: i for i, k in enumerate(query.keys)}
+    expected = embed_with_head(head, query.embeddings[[row[s.key] for s in samples]])
+    got = embed_images(load_exported(EMBEDDER), images)
+    diff = float(np.abs(got - expected).max())
+    report = {"file": EMBEDDER.name, "variants": variants, "input": "uint8 RGB (N, 3, H, W), any H, W >= 16",
+              "output": f"float32 (N, {got.shape[1]}), L2-normalised", "verified_images": len(samples),
+              "max_abs_diff_vs_pipeline": diff, "tolerance": params.tolerance,
+              "torch": torch.__version__}
+    write_json(EXPORT_DIR / "embedder.json", report)
+    if diff > params.tolerance:
+        raise RuntimeError(f"exported embedder differs from the pipeline by {diff:.2e} > {params.tolerance:.0e}")
+    log.info("export: %s verified on %d eval images, max |diff| %.2e", EMBEDDER, len(samples), diff)
+    return report
+
+
+if __name__ == "__main__":
+    main(lambda p, _key: export(p.export))
