@@ -14,9 +14,10 @@ import faiss
 import numpy as np
 
 from tasks.features import SplitFeatures, l2_normalize
-from tasks.metrics import mean_precision_at_k
+from tasks.metrics import mean_precision_at_k, precision_recall_curves
 
 Embed = Callable[[np.ndarray], np.ndarray]
+CURVE_K = 10  # P@k and recall@k are reported for k = 1..10
 
 
 def fit_pca(train: np.ndarray, dim: int) -> Embed:
@@ -33,12 +34,13 @@ def score_line(embed: Embed, query: SplitFeatures, index: SplitFeatures, query_s
     q_emb, i_emb = embed(query.embeddings), embed(index.embeddings)
     if q_emb.shape[1] > 64:
         raise ValueError(f"embedding dim {q_emb.shape[1]} > 64: GUIE caps embeddings at 64")
-    overall, per_query, ids = mean_precision_at_k(i_emb, index.class_ids, q_emb, query.class_ids, k)
+    overall, per_query, ids = mean_precision_at_k(i_emb, index.class_ids, q_emb, query.class_ids, k, depth=CURVE_K)
     sources = np.asarray(query_sources)
     result = {f"mP@{k}": round(overall, 4)}
     for source in sorted(set(query_sources)):
         result[source] = round(float(np.nanmean(per_query[sources == source])), 4)
-    return {"scores": result, "per_query": per_query, "neighbours": ids}
+    precision, recall = precision_recall_curves(ids, query.class_ids, index.class_ids, CURVE_K)
+    return {"scores": result, "per_query": per_query, "neighbours": ids, "precision": precision, "recall": recall}
 
 
 def metrics_markdown(metrics: dict, k: int) -> str:

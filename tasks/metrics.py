@@ -39,8 +39,26 @@ def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray, index
 
 
 def mean_precision_at_k(index_emb: np.ndarray, index_labels: np.ndarray, query_emb: np.ndarray,
-                        query_labels: np.ndarray, k: int = 5) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mP@k, per-query P@k, neighbour ids) for embeddings under exact Euclidean k-NN."""
-    _, ids = knn(index_emb, query_emb, k)
+                        query_labels: np.ndarray, k: int = 5, depth: int = 0) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mP@k, per-query P@k, neighbour ids) under exact Euclidean k-NN; ids go `max(k, depth)` deep."""
+    _, ids = knn(index_emb, query_emb, max(k, depth))
     per_query = precision_at_k(index_labels[ids], query_labels, index_labels, k)
     return float(np.nanmean(per_query)), per_query, ids
+
+
+def precision_recall_curves(neighbours: np.ndarray, query_labels: np.ndarray, index_labels: np.ndarray,
+                            max_k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Mean P@k and recall@k for k = 1..max_k from ranked neighbour ids.
+
+    P@k here is the plain fraction of relevant results in the top k (the
+    curve people read), recall@k the fraction of a query's relevant index
+    images found in the top k. Queries with no relevant image are left out.
+    """
+    classes, counts = np.unique(index_labels, return_counts=True)
+    n_rel = dict(zip(classes.tolist(), counts.tolist()))
+    rel_counts = np.array([n_rel.get(int(q), 0) for q in query_labels])
+    keep = rel_counts > 0
+    hits = (index_labels[neighbours[:, :max_k]] == query_labels[:, None])[keep]
+    cum = np.cumsum(hits, axis=1)
+    ks = np.arange(1, hits.shape[1] + 1)
+    return (cum / ks).mean(axis=0), (cum / rel_counts[keep, None]).mean(axis=0)

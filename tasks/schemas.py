@@ -65,6 +65,12 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
+# What `python -m flows.embed index` writes: one row per image of a folder.
+def index_schema(dim: int) -> pa.Schema:
+    return pa.schema([pa.field("path", pa.string(), nullable=False),
+                      pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
+
+
 # Metadata keys every feature file carries, so a reader needs no project code.
 FEATURE_METADATA_KEYS = ("model_name", "pretrained", "checkpoint_sha256", "image_size", "dim")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tasks.metrics import knn, mean_precision_at_k, precision_at_k
 
@@ -63,3 +64,18 @@ def test_knn_is_exact():
     d, ids = knn(x, q, 5)
     ref = np.argsort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :5]
     assert (ids == ref).all()
+
+
+def test_precision_and_recall_curves_against_brute_force():
+    from tasks.metrics import precision_recall_curves
+
+    rng = np.random.default_rng(3)
+    index_labels = rng.integers(0, 6, size=40)
+    query_labels = rng.choice(np.unique(index_labels), size=15)
+    neighbours = np.stack([rng.permutation(40)[:10] for _ in range(15)])
+    precision, recall = precision_recall_curves(neighbours, query_labels, index_labels, 10)
+    for k in (1, 5, 10):
+        p = np.mean([np.mean(index_labels[n[:k]] == q) for n, q in zip(neighbours, query_labels)])
+        r = np.mean([np.sum(index_labels[n[:k]] == q) / np.sum(index_labels == q) for n, q in zip(neighbours, query_labels)])
+        assert precision[k - 1] == pytest.approx(p) and recall[k - 1] == pytest.approx(r)
+    assert np.all(np.diff(recall) >= 0)

@@ -1,0 +1,71 @@
+"""Use the exported embedder: embed a folder into a Parquet index, and search it with an image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from tasks.export import embed_images
+from tasks.images import BadImage, normalize_image
+from tasks.preprocess import decode_rgb
+from tasks.schemas import atomic_path, index_schema
+
+SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Any image file -> uint8 (3, H, W); raises BadImage with the reason."""
+    jpeg, _ = normalize_image(path.read_bytes(), max_side=4096, quality=95)
+    return decode_rgb(jpeg)
+
+
+def embed_folder(model: torch.nn.Module, folder: Path, batch: int = 64) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(relative paths, embeddings, [(path, reason)] of skipped files) for every image under `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    paths, chunks, skipped = [], [], []
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if pending:
+            chunks.append(embed_images(model, [t for _, t in pending]))
+            paths.extend(p for p, _ in pending)
+            pending.clear()
+
+    for f in files:
+        try:
+            pending.append((f.relative_to(folder).as_posix(), load_image(f)))
+        except BadImage as exc:
+            skipped.append((f.relative_to(folder).as_posix(), str(exc)))
+        if len(pending) >= batch:
+            flush()
+    flush()
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 64), np.float32)
+    return paths, emb, skipped
+
+
+def write_index(out: Path, paths: list[str], embeddings: np.ndarray) -> None:
+    dim = embeddings.shape[1]
+    table = pa.table({"path": pa.array(paths, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)},
+                     schema=index_schema(dim))
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+
+
+def search(model: torch.nn.Module, index_file: Path, image: Path, k: int = 5) -> list[tuple[str, float]]:
+    """Top-k (path, Euclidean distance) of the index for one query image."""
+    table = pq.read_table(index_file)
+    col = table.column("embedding").combine_chunks()
+    emb = col.flatten().to_numpy().astype(np.float32).reshape(-1, col.type.list_size)
+    index = faiss.IndexFlatL2(emb.shape[1])
+    index.add(emb)
+    query = embed_images(model, [load_image(image)])
+    dist, ids = index.search(query, min(k, len(emb)))
+    paths = table.column("path").to_pylist()
+    return [(paths[i], float(np.sqrt(max(d, 0.0)))) for d, i in zip(dist[0], ids[0])]
