@@ -27,7 +27,7 @@ def dvc(*args: str) -> str:
 
 def report(base: str) -> str:
     params = dvc("params", "diff", base, "--md") or "No params changed."
-    metrics = dvc("metrics", "diff", base, "--md", "--precision", "4") or "No metric changed."
+    metrics = dvc("metrics", "diff", base, "--all", "--md", "--precision", "4") or "No metrics found."
     return (f"## Re-evaluation against `{base}`\n\n"
             f"### Params changed\n\n{params}\n\n"
             f"### Metrics (base -> this change)\n\n{metrics}\n")

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
-from tasks.evaluate import CURVE_K, fit_pca, metrics_markdown, metrics_rows, score_line
+from tasks.evaluate import fit_pca, metrics_markdown, metrics_rows, score_line
 from tasks.extract import read_shard
 from tasks.features import load_concat, load_variant_split
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
@@ -30,9 +30,10 @@ def shard_images(splits: set[str]) -> dict[str, bytes]:
 
 def write_curves(results: dict[str, dict]) -> None:
     """P@k and recall@k, one column per model line, for `dvc plots`."""
+    depth = min(len(r["precision"]) for r in results.values())  # < CURVE_K only for a tiny index
     for name in ("precision", "recall"):
-        frame = pl.DataFrame({"k": list(range(1, CURVE_K + 1)),
-                              **{line: [round(float(v), 4) for v in r[name]] for line, r in results.items()}})
+        frame = pl.DataFrame({"k": list(range(1, depth + 1)),
+                              **{line: [round(float(v), 4) for v in r[name][:depth]] for line, r in results.items()}})
         with atomic_path(EVAL_DIR / f"{name}_at_k.csv") as tmp:
             frame.write_csv(tmp)
 

@@ -108,7 +108,7 @@ def test_full_repro_then_noop(repo):
     path, env = repo
     out = run(path, env, "repro")
     assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "sample", "shard",
-                        "extract@lite0", "train", "evaluate"}
+                        "extract@lite0", "train", "evaluate", "export"}
     metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
     assert metrics["queries"] > 0 and set(metrics["lines"]) == {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
     assert all(0.0 <= line["mP@5"] <= 1.0 for line in metrics["lines"].values())
@@ -125,18 +125,24 @@ def test_full_repro_then_noop(repo):
     assert "head.mP@5" in shown and "train_acc" in shown
     run(path, env, "plots", "show", "-o", "plots_out")
     assert (path / "plots_out" / "index.html").is_file()
+    curves = (path / "data/06_eval/precision_at_k.csv").read_text().splitlines()
+    index_size = metrics["index"]
+    assert curves[0] == "k,zero_shot_pca8_lite0,zero_shot_pca8_concat,head" and len(curves) == 1 + min(10, index_size)
+    assert (path / "data/06_eval/gallery.png").stat().st_size > 0
+    exported = json.loads((path / "data/07_export/embedder.json").read_text())
+    assert exported["max_abs_diff_vs_pipeline"] <= 1e-3
 
 
-def test_epochs_change_reruns_train_and_evaluate_only(repo):
+def test_epochs_change_reruns_train_and_what_follows_only(repo):
     path, env = repo
     set_param(path, "train", "epochs", 3)
-    assert ran(run(path, env, "repro")) == {"train", "evaluate"}
+    assert ran(run(path, env, "repro")) == {"train", "evaluate", "export"}
 
 
 def test_samples_change_reruns_from_sample_on(repo):
     path, env = repo
     set_param(path, "sample", "samples", 5)
-    assert ran(run(path, env, "repro")) == {"sample", "shard", "extract@lite0", "train", "evaluate"}
+    assert ran(run(path, env, "repro")) == {"sample", "shard", "extract@lite0", "train", "evaluate", "export"}
     assert ran(run(path, env, "repro")) == set()
 
 
@@ -163,7 +169,7 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    assert ran(out) == {"train", "evaluate"} and "| head |" in out
+    assert ran(out) == {"train", "evaluate", "export"} and "| head |" in out
     query = json.dumps({"artifacts": {"key": {"any_": ["guie-pipeline-metrics"]}}}).encode()
     req = urllib.request.Request(f"{env['PREFECT_API_URL']}/artifacts/filter", data=query,
                                  headers={"Content-Type": "application/json"})
@@ -178,7 +184,7 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     by_flow: dict[str, set[str]] = {}
     for r in runs:
         by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
-    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "pipeline"}
+    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "export", "pipeline"}
     assert all(states == {"COMPLETED"} for states in by_flow.values()), by_flow
 
 
@@ -205,7 +211,7 @@ def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
                            "--output", str(tmp_path / "report.md")],
                           cwd=path, env={**env, "GITHUB_STEP_SUMMARY": str(summary)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate"}
+    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "export"}
     report = (tmp_path / "report.md").read_text()
     assert summary.read_text() == report
     assert re.search(r"\|\s*params.yaml\s*\|\s*train.epochs\s*\|\s*2\s*\|\s*4\s*\|", report), report
@@ -270,3 +276,18 @@ def test_prefect_yaml_deployment_runs_through_a_work_pool(repo):
 def api_get(env: dict, route: str):
     with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/{route}", timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def test_pipeline_flow_fails_when_a_stage_fails(repo):
+    """Runs last: it leaves a Failed pipeline run on the server."""
+    path, env = repo
+    set_param(path, "sample", "samples", 0)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
+        flows = {f["name"]: f["id"] for f in api(env, "flows/filter", {})}
+        runs = api(env, "flow_runs/filter", {"limit": 200})
+        assert "FAILED" in {r["state_type"] for r in runs if r["flow_id"] == flows["pipeline"]}
+    finally:
+        set_param(path, "sample", "samples", 5)
