@@ -4,7 +4,6 @@ P@k / recall@k curves, and a retrieval gallery, also published as Prefect artifa
 from __future__ import annotations
 
 import base64
-import json
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -12,20 +11,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
 from tasks.evaluate import fit_pca, metrics_markdown, metrics_rows, score_line
-from tasks.extract import read_shard
+from tasks.extract import read_split
 from tasks.features import load_concat, load_variant_split
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
 from tasks.params import EvaluateParams
-from tasks.schemas import (EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, SHARD_INDEX, SHARDS_DIR, atomic_path,
+from tasks.schemas import (EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, SHARDS_DIR, atomic_path,
                            read_table, write_bytes, write_json)
 from tasks.train import embed_with_head, load_head
 
 GALLERY_QUERIES = 12
-
-
-def shard_images(splits: set[str]) -> dict[str, bytes]:
-    index = json.loads((SHARDS_DIR / SHARD_INDEX).read_text())
-    return {s.key: s.jpeg for e in index["shardlist"] if e["split"] in splits for s in read_shard(SHARDS_DIR / e["url"])}
 
 
 def write_curves(results: dict[str, dict]) -> None:
@@ -71,7 +65,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     picked = pick_queries(sources, GALLERY_QUERIES)
     captions = [f"{meta[key]['source']}: {meta[key]['label']}" for key in query.keys]
     rows = gallery_rows(picked, results["head"]["neighbours"], query.keys, query.class_ids, index.keys,
-                        index.class_ids, captions, shard_images({"query", "index"}), k)
+                        index.class_ids, captions, {s.key: s.jpeg for split in ("query", "index") for s in read_split(SHARDS_DIR, split)}, k)
     render_gallery(rows, EVAL_DIR / "gallery.png")
 
     create_table_artifact(metrics_rows(metrics), key="guie-eval-metrics", description="mP@5 per model line and source")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from itertools import islice
 
 import numpy as np
 import torch
@@ -10,25 +10,15 @@ from prefect import flow, get_run_logger
 
 from flows._cli import main
 from tasks.export import Embedder, embed_images, export_embedder, load_exported
-from tasks.extract import read_shard
+from tasks.extract import read_split
 from tasks.features import load_concat
 from tasks.models import load_backbone
 from tasks.params import ExportParams
 from tasks.preprocess import decode_rgb
-from tasks.schemas import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARD_INDEX, SHARDS_DIR, write_json
+from tasks.schemas import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARDS_DIR, write_json
 from tasks.train import embed_with_head, load_head
 
 EMBEDDER = EXPORT_DIR / "embedder.pt2"
-
-
-def eval_samples(limit: int) -> list:
-    """The first `limit` query images, straight from the shards the pipeline embedded."""
-    index = json.loads((SHARDS_DIR / SHARD_INDEX).read_text())
-    samples = []
-    for entry in index["shardlist"]:
-        if entry["split"] == "query" and len(samples) < limit:
-            samples.extend(read_shard(SHARDS_DIR / entry["url"])[: limit - len(samples)])
-    return samples
 
 
 @flow(name="export")
@@ -40,7 +30,8 @@ def export(params: ExportParams) -> dict:
     for v in variants:
         model, preprocess, _ = load_backbone(MODELS_DIR / v)
         towers.append((preprocess, model.visual))
-    samples = eval_samples(params.verify_images)
+    # The first eval (query) images, straight from the shards the pipeline embedded.
+    samples = list(islice(read_split(SHARDS_DIR, "query"), params.verify_images))
     images = [decode_rgb(s.jpeg) for s in samples]
     # Batch 2 and H != W in the example, so neither dimension gets specialised.
     example = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -18,13 +18,13 @@ import pyarrow as pa
 from PIL import Image
 
 from tasks import fashion_mnist
+from tasks.images import IMAGE_SUFFIXES
 from tasks.params import FashionMnistSource, ImageFolderSource, ParamsError, SourceParams
 from tasks.photos import Photo
 from tasks.schemas import CATALOG_NAME, CATALOG_SCHEMA, write_table
 from tasks.views import random_view, view_rng
 
 Row = dict[str, str]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def check_source(name: str, spec: SourceParams) -> None:

@@ -9,14 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from tasks.export import embed_images
-from tasks.images import BadImage, normalize_image
+from tasks.images import IMAGE_SUFFIXES, BadImage, normalize_image
 from tasks.preprocess import decode_rgb
 from tasks.schemas import atomic_path, index_schema
-
-SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -27,7 +24,7 @@ def load_image(path: Path) -> torch.Tensor:
 
 def embed_folder(model: torch.nn.Module, folder: Path, batch: int = 64) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """(relative paths, embeddings, [(path, reason)] of skipped files) for every image under `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     paths, chunks, skipped = [], [], []
     pending: list[tuple[str, torch.Tensor]] = []
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.export import Dim
 
 from tasks.preprocess import Preprocess
+from tasks.schemas import atomic_path
 
 
 class Embedder(nn.Module):
@@ -35,8 +36,6 @@ class Embedder(nn.Module):
 
 def export_embedder(embedder: Embedder, out: Path, example: torch.Tensor) -> None:
     """torch.export with a dynamic batch size and image size, saved atomically as `.pt2`."""
-    from tasks.schemas import atomic_path
-
     embedder.eval()
     shapes = ({0: Dim("batch", min=1, max=4096), 2: Dim("height", min=16, max=8192),
                3: Dim("width", min=16, max=8192)},)

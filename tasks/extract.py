@@ -8,6 +8,7 @@ float16 embeddings atomically with the model's identity in the metadata.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.params import ExtractParams
 from tasks.preprocess import Preprocess, decode_rgb
-from tasks.schemas import write_features
+from tasks.schemas import SHARD_INDEX, write_features
+from tasks.shard import shards_of_split
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,13 @@ def read_shard(url: str | Path) -> list[Sample]:
     """All samples of one tar, in stored order, as raw bytes (decoding happens in workers)."""
     stream = wds.WebDataset(str(url), shardshuffle=False, empty_check=False).to_tuple("__key__", "cls", "jpg")
     return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg) for key, cls, jpg in stream]
+
+
+def read_split(shards_dir: Path, split: str) -> Iterator[Sample]:
+    """Every sample of one split, shard after shard, in the order index.json lists them."""
+    index = json.loads((shards_dir / SHARD_INDEX).read_text())
+    for entry in shards_of_split(index, split):
+        yield from read_shard(shards_dir / entry["url"])
 
 
 class _Decoded(Dataset):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from tasks.schemas import atomic_path
+
 BLUE, GREEN, RED, WHITE = (40, 90, 220), (30, 170, 60), (210, 40, 40), (255, 255, 255)
 
 
@@ -49,8 +51,6 @@ def render_gallery(rows: list[dict], out: Path, tile: int = 112) -> None:
         canvas.paste(_tile(row["query"], tile, BLUE), (0, y + caption))
         for j, (jpeg, correct) in enumerate(row["results"]):
             canvas.paste(_tile(jpeg, tile, GREEN if correct else RED), (tile + gap + j * tile, y + caption))
-    from tasks.schemas import atomic_path
-
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
 

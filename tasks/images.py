@@ -17,6 +17,10 @@ from PIL import Image, ImageFile
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+# File endings treated as images when a folder is walked (user folders, embed CLI).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
 class BadImage(ValueError):
     """The bytes are not a usable image; str(exc) is the reason recorded in rejects."""
 
