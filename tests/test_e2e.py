@@ -240,12 +240,12 @@ def wait_for(predicate, timeout: float = 90.0, step: float = 1.0):
 
 def test_serve_registers_a_scheduled_deployment(repo):
     path, env = repo
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve", "--cron", "*/30 * * * *", "--name", "served"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve", "--cron", "17 3 * * 1", "--name", "served"],
                             cwd=path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deployments = wait_for(lambda: [d for d in api(env, "deployments/filter", {}) if d["name"] == "served"])
         crons = [s["schedule"].get("cron") for s in deployments[0]["schedules"]]
-        assert crons == ["*/30 * * * *"]
+        assert crons == ["17 3 * * 1"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -265,11 +265,15 @@ def test_prefect_yaml_deployment_runs_through_a_work_pool(repo):
     assert nightly["work_pool_name"] == "guie-local"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
     run = api(env, f"deployments/{nightly['id']}/create_flow_run", {})
-    worker = subprocess.run([prefect, "worker", "start", "--pool", "guie-local", "--run-once"], cwd=path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert worker.returncode == 0, worker.stdout + worker.stderr
-    state = wait_for(lambda: (lambda r: r["state_type"] if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(
-        api_get(env, f"flow_runs/{run['id']}")))
+    # A long-running worker, not --run-once: one poll can miss a run created a moment before.
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "guie-local"], cwd=path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        state = wait_for(lambda: (lambda r: r["state_type"] if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(
+            api_get(env, f"flow_runs/{run['id']}")), timeout=300)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
     assert state == "COMPLETED"
 
 
