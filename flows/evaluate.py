@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
 from tasks.evaluate import fit_pca, metrics_markdown, metrics_rows, score_line
-from tasks.extract import read_split
+from tasks.shard import read_split
 from tasks.features import load_concat, load_variant_split
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
 from tasks.params import EvaluateParams

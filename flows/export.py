@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 
 from flows._cli import main
 from tasks.export import Embedder, embed_images, export_embedder, load_exported
-from tasks.extract import read_split
+from tasks.shard import read_split
 from tasks.features import load_concat
 from tasks.models import load_backbone
 from tasks.params import ExportParams

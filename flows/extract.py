@@ -1,45 +1,79 @@
-"""Stage `extract`: shards -> data/04_features/<variant>/<split>/<shard>.arrow for one backbone."""
+"""Stage `extract`: shards -> data/04_features/<variant>/<split>/<shard>.arrow for one backbone.
+
+Shards are mapped as Prefect tasks over the task runner `extract.runner`
+picks: a thread pool in this process (default) or an existing Dask cluster
+(`extract.dask_address`), where each worker loads the model once and takes
+shard after shard. Every task reads and writes absolute paths, so a worker on
+another machine needs the project folder (or the same paths) on shared storage.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from flows._cli import main
-from tasks.extract import Embedder, embed_shard, resolve_device
-from tasks.models import load_backbone
-from tasks.params import ExtractParams
+from tasks.extract import embed_shard, get_worker
+from tasks.params import ExtractParams, Params
 from tasks.schemas import FEATURES_DIR, MODELS_DIR, SHARD_INDEX, SHARDS_DIR
 
-# Inputs include the model itself: never hash them for a cache key (DVC is the cache).
-embed_one = task(embed_shard, name="embed-shard", cache_policy=NO_CACHE)
+
+# DVC is the result cache of the stage and the embedding cache serves
+# images: Prefect's own result caching stays off.
+@task(name="embed-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def embed_one(url: str, out: str, model_dir: str, params: ExtractParams) -> dict:
+    """Embed one shard with this process's (cached) model; logs new vs cached images."""
+    w = get_worker(model_dir, params)
+    stats = embed_shard(Path(url), Path(out), w.embedder, w.preprocess, params, w.metadata, cache=w.cache)
+    get_run_logger().info("%s: %d images, %d embedded, %d from the cache, %.1f s", stats["shard"],
+                          stats["images"], stats["embedded"], stats["cached"], stats["seconds"])
+    return stats
+
+
+def task_runner(params: ExtractParams):
+    """The Prefect task runner `extract.runner` names."""
+    if params.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=params.dask_address)
+    return ThreadPoolTaskRunner(max_workers=params.threads)
 
 
 @flow(name="extract")
 def extract(variant: str, params: ExtractParams) -> dict:
-    """Load the backbone once, then embed shard after shard with a progress bar in images/s."""
+    """Map shards over the task runner; a progress bar counts images as shards finish."""
     log = get_run_logger()
     index = json.loads((SHARDS_DIR / SHARD_INDEX).read_text())
-    device = resolve_device(params.device)
-    model, preprocess, info = load_backbone(MODELS_DIR / variant, device="cpu")
-    embedder = Embedder(model, device, params.precision)
-    metadata = {"variant": variant, "model_name": info["model_name"], "pretrained": info["pretrained"],
-                "checkpoint_sha256": info["checkpoint_sha256"], "image_size": str(info["image_size"]), "dim": str(info["dim"])}
-    total = sum(s["nsamples"] for s in index["shardlist"])
+    if params.cache_dir:  # workers may run elsewhere: hand them absolute paths
+        params = params.model_copy(update={"cache_dir": str(Path(params.cache_dir).resolve())})
+    entries = index["shardlist"]
+    urls = [str((SHARDS_DIR / e["url"]).resolve()) for e in entries]
+    outs = [str((FEATURES_DIR / variant / e["split"] / f"{e['name']}.arrow").resolve()) for e in entries]
+    total = sum(e["nsamples"] for e in entries)
     start = time.perf_counter()
+    futures = embed_one.map(urls, outs, unmapped(str((MODELS_DIR / variant).resolve())), unmapped(params))
+    embedded = cached = 0
     with tqdm(total=total, unit="img", desc=f"extract[{variant}]", mininterval=2.0) as bar:
-        for entry in index["shardlist"]:
-            out = FEATURES_DIR / variant / entry["split"] / f"{entry['name']}.arrow"
-            embed_one(SHARDS_DIR / entry["url"], out, embedder, preprocess, params, metadata, bar.update)
+        for fut in as_completed(futures):
+            stats = fut.result()
+            embedded, cached = embedded + stats["embedded"], cached + stats["cached"]
+            bar.update(stats["images"])
     seconds = time.perf_counter() - start
-    log.info("extract[%s]: %d images from %d shards on %s in %.1f s (%.1f images/s)", variant, total,
-             len(index["shardlist"]), device, seconds, total / max(seconds, 1e-9))
-    return {"images": total, "seconds": seconds}
+    log.info("extract[%s]: %d images from %d shards in %.1f s (%.1f images/s): %d embedded, %d from the cache",
+             variant, total, len(entries), seconds, total / max(seconds, 1e-9), embedded, cached)
+    return {"images": total, "embedded": embedded, "cached": cached, "seconds": seconds}
+
+
+def run(params: Params, variant: str) -> dict:
+    return extract.with_options(task_runner=task_runner(params.extract))(variant, params.extract)
 
 
 if __name__ == "__main__":
-    main(lambda p, key: extract(key, p.extract), keys=lambda p: p.models)
+    main(run, keys=lambda p: p.models)

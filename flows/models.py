@@ -6,12 +6,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect import flow, get_run_logger, task
 
 from flows._cli import main
-from tasks.models import build_variant
+from tasks.models import WeightsUnavailable, build_variant
 from tasks.params import ModelParams
 from tasks.schemas import MODELS_DIR
 
 
-@task(name="build-variant", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def _worth_retrying(task, task_run, state) -> bool:
+    """A flaky download is retried; weights that are simply not there, or a bad spec, are not."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (WeightsUnavailable, ValueError, FileNotFoundError))
+
+
+@task(name="build-variant", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
 def build(variant: str, spec: ModelParams) -> dict:
     return build_variant(variant, spec, MODELS_DIR / variant)
 

@@ -3,12 +3,16 @@
 Reader -> mapper -> writer, as clip-retrieval splits it: the reader streams
 (key, class, JPEG bytes) out of a tar with webdataset; DataLoader workers
 decode and preprocess; only the mapper holds the model; the writer stores
-float16 embeddings atomically with the model's identity in the metadata.
+float32 embeddings atomically with the model's identity in the metadata.
+Images embedded before (same bytes, checkpoint, preprocessing) come from the
+content-addressed cache instead of the model.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,33 +20,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.embedding_cache import EmbeddingCache, cache_key, image_digest
+from tasks.models import load_backbone
 from tasks.params import ExtractParams
 from tasks.preprocess import Preprocess, decode_rgb
-from tasks.schemas import SHARD_INDEX, write_features
-from tasks.shard import shards_of_split
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    class_id: int
-    jpeg: bytes
-
-
-def read_shard(url: str | Path) -> list[Sample]:
-    """All samples of one tar, in stored order, as raw bytes (decoding happens in workers)."""
-    stream = wds.WebDataset(str(url), shardshuffle=False, empty_check=False).to_tuple("__key__", "cls", "jpg")
-    return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg) for key, cls, jpg in stream]
-
-
-def read_split(shards_dir: Path, split: str) -> Iterator[Sample]:
-    """Every sample of one split, shard after shard, in the order index.json lists them."""
-    index = json.loads((shards_dir / SHARD_INDEX).read_text())
-    for entry in shards_of_split(index, split):
-        yield from read_shard(shards_dir / entry["url"])
+from tasks.schemas import write_features
+from tasks.shard import Sample, read_shard
 
 
 class _Decoded(Dataset):
@@ -88,24 +73,112 @@ class Embedder:
         return feats.float().cpu().numpy()
 
 
-def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams, pin: bool) -> Iterator[torch.Tensor]:
-    loader = DataLoader(_Decoded(samples, preprocess), batch_size=params.batch_size, shuffle=False,
-                        num_workers=params.num_workers, pin_memory=pin,
-                        persistent_workers=False, prefetch_factor=4 if params.num_workers else None)
-    yield from loader
+def decode_workers(params: ExtractParams, device: torch.device) -> int:
+    """DataLoader worker processes: none on a CPU, where decoding in parallel
+    with the model only makes the two fight over the same cores; on CUDA the
+    cores are free while the GPU computes, so they decode ahead."""
+    if params.num_workers != "auto":
+        return params.num_workers
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams, device: torch.device) -> Iterator[torch.Tensor]:
+    """Preprocessed batches in order.
+
+    With DataLoader workers, batches are decoded ahead in other processes,
+    prefetched and pinned for non-blocking copies. Without them, each batch
+    is decoded by a thread pool as wide as torch's thread count, between
+    model calls: decoding then gets every core for a moment instead of
+    preempting the model's OpenMP threads all the time (on 2 cores this is
+    measurably faster, see benchmarks/extract.py).
+    """
+    data = _Decoded(samples, preprocess)
+    workers = decode_workers(params, device)
+    if workers:
+        yield from DataLoader(data, batch_size=params.batch_size, shuffle=False, num_workers=workers,
+                              pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4)
+        return
+    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
+        for start in range(0, len(data), params.batch_size):
+            stop = min(start + params.batch_size, len(data))
+            yield torch.stack(list(pool.map(data.__getitem__, range(start, stop))))
+
+
+@dataclass
+class Worker:
+    """What one process needs to embed shards: loaded once, reused for every shard it is given."""
+
+    embedder: Embedder
+    preprocess: Preprocess
+    metadata: dict[str, str]
+    cache: EmbeddingCache | None
+
+
+_workers: dict[tuple, Worker] = {}
+_workers_lock = threading.Lock()
+
+
+def feature_metadata(variant: str, info: dict) -> dict[str, str]:
+    """The model identity every feature file carries (readable without project code)."""
+    return {"variant": variant, "model_name": info["model_name"], "pretrained": info["pretrained"],
+            "checkpoint_sha256": info["checkpoint_sha256"], "image_size": str(info["image_size"]),
+            "dim": str(info["dim"])}
+
+
+def get_worker(model_dir: str, params: ExtractParams) -> Worker:
+    """The process-wide Worker for a model: a Dask worker or thread pool loads the model once, not per shard."""
+    key = (str(model_dir), params.device, params.precision, params.cache_dir)
+    with _workers_lock:
+        if key not in _workers:
+            device = resolve_device(params.device)
+            model, preprocess, info = load_backbone(model_dir, device="cpu")
+            cache = None
+            if params.cache_dir:
+                ck = cache_key(info["checkpoint_sha256"], dict(model.visual.preprocess_cfg), device.type, params.precision)
+                cache = EmbeddingCache(params.cache_dir, ck, int(info["dim"]))
+            _workers[key] = Worker(Embedder(model, device, params.precision), preprocess,
+                                   feature_metadata(Path(model_dir).name, info), cache)
+        return _workers[key]
 
 
 def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess, params: ExtractParams,
-                metadata: dict[str, str], progress: Callable[[int], None] | None = None) -> dict:
-    """Embed one shard into `out` (Arrow IPC); returns counts and timing."""
+                metadata: dict[str, str], progress: Callable[[int], None] | None = None,
+                cache: EmbeddingCache | None = None) -> dict:
+    """Embed one shard into `out` (Arrow IPC, written atomically); returns counts and timing.
+
+    Images whose bytes the cache already holds are not decoded at all; new
+    embeddings go into the cache every `params.flush_every` images, so a
+    killed run resumes where it stopped. Identical images in a shard are
+    embedded once.
+    """
     start = time.perf_counter()
     samples = read_shard(url)
-    chunks = []
-    for batch in batches(samples, preprocess, params, pin=embedder.cuda):
-        chunks.append(embedder(batch))
+    dim = int(metadata["dim"])
+    digests = [image_digest(s.jpeg) for s in samples]
+    if cache is not None:
+        hit, emb = cache.get(digests)
+    else:
+        hit, emb = np.zeros(len(samples), bool), np.zeros((len(samples), dim), np.float32)
+    if progress and hit.any():
+        progress(int(hit.sum()))
+    first: dict[bytes, int] = {}
+    for i in np.flatnonzero(~hit):
+        first.setdefault(digests[i], int(i))
+    todo = list(first.values())
+    done, pending = 0, 0
+    for batch in batches([samples[i] for i in todo], preprocess, params, embedder.device):
+        rows = todo[done:done + len(batch)]
+        emb[rows] = embedder(batch)
+        done += len(batch)
+        if cache is not None and done - pending >= params.flush_every:
+            cache.put([digests[i] for i in todo[pending:done]], emb[todo[pending:done]])
+            pending = done
         if progress:
             progress(len(batch))
-    dim = int(metadata["dim"])
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    if cache is not None:
+        cache.put([digests[i] for i in todo[pending:done]], emb[todo[pending:done]])
+    for i in np.flatnonzero(~hit):  # duplicates within the shard take their first copy's row
+        emb[i] = emb[first[digests[i]]]
     write_features(out, [s.key for s in samples], np.array([s.class_id for s in samples], np.int32), emb, metadata)
-    return {"shard": url.name, "images": len(samples), "seconds": time.perf_counter() - start}
+    return {"shard": Path(url).name, "images": len(samples), "embedded": len(todo), "cached": int(hit.sum()),
+            "seconds": time.perf_counter() - start}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -115,9 +116,18 @@ def _save_variant(out_dir: Path, config: dict[str, Any], model: torch.nn.Module,
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(out_dir / CONFIG_NAME, config)
     info = {**source, "checkpoint_sha256": sha256_file(out_dir / WEIGHTS_NAME),
-            "image_size": config["preprocess_cfg"]["size"], "dim": config["model_cfg"]["embed_dim"]}
+            "image_size": _square_side(config["preprocess_cfg"]["size"]), "dim": config["model_cfg"]["embed_dim"]}
     write_json(out_dir / "model.json", info)
     return info
+
+
+def _square_side(size: int | list[int]) -> int:
+    """open_clip gives image sizes as an int or an (H, W) pair; every backbone here is square."""
+    if isinstance(size, int):
+        return size
+    if len(set(size)) != 1:
+        raise ValueError(f"non-square input size {size}: not supported")
+    return int(size[0])
 
 
 def _open_clip_config(arch: str, model: torch.nn.Module) -> dict[str, Any]:
@@ -127,6 +137,56 @@ def _open_clip_config(arch: str, model: torch.nn.Module) -> dict[str, Any]:
     pp = dict(getattr(model.visual, "preprocess_cfg", {}))
     pp.setdefault("size", cfg["vision_cfg"].get("image_size", 224))
     return {"model_cfg": cfg, "preprocess_cfg": pp}
+
+
+# The real CLIP backbones of the GUIE entries (`presets/clip_*.yaml` switch to them).
+CLIP_PRESETS = {
+    "vit_h14_laion": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "vit_l14_openai": ("ViT-L-14", "openai"),
+    "vit_l14_336_openai": ("ViT-L-14-336", "openai"),
+    "vit_b32_laion": ("ViT-B-32", "laion2b_s34b_b79k"),
+}
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights are neither local, nor cached, nor downloadable; the message says what to fetch."""
+
+
+def open_clip_weights(name: str, spec: OpenClipModel) -> Path:
+    """The local weights file of an open_clip (arch, tag): `path`, else the HF cache, else a download."""
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(spec.arch)
+        raise ValueError(f"models.{name}: open_clip has no pretrained tag {spec.pretrained!r} for {spec.arch!r}; "
+                         f"allowed are {known or 'none (unknown architecture?)'}")
+    if spec.path is not None:
+        if not spec.path.is_file():
+            raise FileNotFoundError(f"models.{name}.path = '{spec.path}': no such file")
+        return spec.path
+    try:
+        return Path(open_clip.download_pretrained(cfg))
+    except Exception as exc:  # offline and not cached, hub or URL unreachable
+        raise WeightsUnavailable(_how_to_fetch(name, spec, cfg, exc)) from None
+
+
+def _how_to_fetch(name: str, spec: OpenClipModel, cfg: dict[str, Any], exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    reason = textwrap.shorten(str(exc), 240) or type(exc).__name__
+    lines = [f"models.{name}: no weights for open_clip {spec.arch}/{spec.pretrained}: they are not in the "
+             f"Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be downloaded ({reason})."]
+    if hub := cfg.get("hf_hub"):
+        repo, filename = hub.rstrip("/").split("/", 2)[:2], hub.rstrip("/").split("/", 2)[2:]
+        repo_id = "/".join(repo)
+        file_hint = filename[0] if filename else "open_clip_model.safetensors"
+        lines += [f"  Fetch them where there is a network:  huggingface-cli download {repo_id} {file_hint}",
+                  f"  then copy that machine's {constants.HF_HUB_CACHE}/models--{repo_id.replace('/', '--')} "
+                  f"into {constants.HF_HUB_CACHE} here,"]
+    elif url := cfg.get("url"):
+        lines += [f"  Fetch them where there is a network:  {url}"]
+    lines += [f"  or put the file anywhere and set models.{name}.path to it.",
+              "  (With HF_HUB_OFFLINE=1 set, the download is not even tried.)"]
+    return "\n".join(lines)
 
 
 def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]:
@@ -143,14 +203,10 @@ def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]
         model.visual.trunk.load_state_dict({k: v for k, v in trunk_state.items() if not k.startswith("classifier.")})
         source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
     elif isinstance(spec, OpenClipModel):
-        try:
-            model = open_clip.create_model(spec.arch, pretrained=spec.pretrained)
-        except Exception as exc:  # offline, unknown tag, hub error
-            raise RuntimeError(
-                f"models.{name}: could not get open_clip weights {spec.arch}/{spec.pretrained} ({exc}). "
-                "Run once with a network, or download the checkpoint and use "
-                "`kind: checkpoint` with `path: <file>`."
-            ) from exc
+        weights = open_clip_weights(name, spec)
+        tag = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=bool(tag.get("quick_gelu")))
+        open_clip.load_checkpoint(model, str(weights))
         config = _open_clip_config(spec.arch, model)
         source = {"model_name": spec.arch, "pretrained": spec.pretrained}
     elif isinstance(spec, CheckpointModel):

@@ -76,7 +76,11 @@ FEATURE_METADATA_KEYS = ("model_name", "pretrained", "checkpoint_sha256", "image
 
 
 def feature_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
-    """Arrow schema of one feature file: key, class_id, float16 embedding of size `dim`."""
+    """Arrow schema of one feature file: key, class_id, float32 embedding of size `dim`.
+
+    float32, not float16: DuckDB has no half-float type, and the file must
+    read in polars, pyarrow and DuckDB with no project code.
+    """
     missing = [k for k in FEATURE_METADATA_KEYS if k not in metadata]
     if missing:
         raise ValueError(f"feature metadata lacks {missing}")
@@ -84,7 +88,7 @@ def feature_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("class_id", pa.int32(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float16(), dim), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
         ],
         metadata={k: str(v) for k, v in metadata.items()},
     )
@@ -146,10 +150,10 @@ def write_features(
     target: Path | str, keys: list[str], class_ids: np.ndarray, embeddings: np.ndarray, metadata: dict[str, str]
 ) -> None:
     """Write one shard's embeddings as an uncompressed Arrow IPC file (memory-mappable)."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float16)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = embeddings.shape if embeddings.ndim == 2 else (0, int(metadata["dim"]))
     schema = feature_schema(dim, metadata)
-    flat = pa.array(embeddings.reshape(-1), type=pa.float16())
+    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
     table = pa.Table.from_arrays(
         [
             pa.array(keys, type=pa.string()),

@@ -27,7 +27,7 @@ def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
-def test_every_stage_depends_on_what_its_flow_imports():
+def test_every_stage_depends_on_exactly_the_code_its_flow_imports():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         body = stage.get("do", stage)
@@ -36,6 +36,9 @@ def test_every_stage_depends_on_what_its_flow_imports():
         needed = {p.relative_to(REPO).as_posix() for p in project_imports(flow) | {flow}}
         deps = {d if isinstance(d, str) else next(iter(d)) for d in body["deps"]}
         assert needed <= deps, f"stage {name} lacks deps {sorted(needed - deps)}"
+        # and no module it never imports: an edit there would rerun the stage for nothing
+        code = {d for d in deps if d.endswith(".py")}
+        assert code <= needed, f"stage {name} depends on modules it never imports: {sorted(code - needed)}"
 
 
 def test_every_stage_declares_exactly_its_own_params_section():

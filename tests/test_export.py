@@ -32,6 +32,17 @@ def test_tensor_preprocess_equals_pil_bicubic_on_the_centre_square(shape):
     assert np.abs(ours - ref).mean() < 0.003 and np.abs(ours - ref).max() < 0.03
 
 
+@pytest.mark.parametrize("shape", [(96, 96), (90, 140), (140, 90), (20, 30), (512, 384), (64, 64)])
+@pytest.mark.parametrize("mode", ["shortest", "squash"])
+def test_fast_resize_equals_the_exportable_one(shape, mode):
+    """Extraction resizes with torch's antialiased bicubic; export with dense matrices: the same numbers."""
+    pre = Preprocess(64, CFG["mean"], CFG["std"], resize_mode=mode)
+    x = torch.from_numpy(np.random.default_rng(0).random((2, 3, *shape), dtype=np.float32))
+    fast, exportable = pre.resize_fast(x), pre.resize_exportable(x)
+    assert fast.shape == exportable.shape == (2, 3, 64, 64)
+    assert (fast - exportable).abs().max() < 5e-5
+
+
 @pytest.mark.parametrize("size", [96, 20])
 def test_tensor_preprocess_follows_open_clip_transform(size):
     # On square images open_clip's resize + centre crop is the same view; on others
@@ -54,10 +65,9 @@ def test_exported_embedder_equals_pipeline_and_loads_with_plain_torch(tmp_path, 
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)) for h, w in
               [(32, 32), (48, 20), (100, 64), (32, 32)]]
-    # the pipeline's path: per-backbone features (stored as float16), normalised, concatenated, head
+    # the pipeline's path: per-backbone features, normalised, concatenated, head
     with torch.no_grad():
-        feats = np.concatenate([model.encode_image(preprocess(img[None])).numpy() for img in images])
-    stored = feats.astype(np.float16).astype(np.float32)
+        stored = np.concatenate([model.encode_image(preprocess(img[None])).numpy() for img in images])
     pipeline = embed_with_head(head, np.concatenate([l2_normalize(stored)] * 2, axis=1))
     got = embed_images(load_exported(tmp_path / "e.pt2"), images)
     assert got.shape == (4, 8) and got.dtype == np.float32

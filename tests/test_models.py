@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
 from tasks.models import build_lite_trunk, build_variant, convert_lite_state_dict, load_backbone
-from tasks.params import CheckpointModel, EfficientNetLiteModel
+from conftest import REPO
+from tasks.params import CheckpointModel, EfficientNetLiteModel, OpenClipModel
 
 
 def test_lite0_conversion_matches_original_logits():
@@ -66,3 +71,54 @@ def test_checkpoint_kind_loads_a_local_open_clip_checkpoint(tmp_path):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(loaded.encode_image(x), model.eval().encode_image(x), atol=1e-4)
+
+
+def _build_in_subprocess(tmp_path, spec: dict, hf_home: Path) -> subprocess.CompletedProcess:
+    """The models stage's code in a fresh process, offline, with its own HF cache (huggingface_hub reads env at import)."""
+    script = ("import sys; from pathlib import Path; from tasks.models import build_variant; "
+              "from tasks.params import OpenClipModel; "
+              f"print(build_variant('clip', OpenClipModel(**{spec!r}), Path(sys.argv[1])))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_offline_without_cached_weights_says_what_to_fetch_and_where(tmp_path):
+    done = _build_in_subprocess(tmp_path, {"kind": "open_clip", "arch": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+                                tmp_path / "hf")
+    assert done.returncode != 0
+    message = done.stderr.strip().splitlines()
+    first = next(i for i, line in enumerate(message) if line.startswith("tasks.models.WeightsUnavailable"))
+    text = "\n".join(message[first:])
+    assert "models.clip: no weights for open_clip ViT-H-14/laion2b_s32b_b79k" in text
+    assert "huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in text
+    assert str(tmp_path / "hf" / "hub") in text and "models.clip.path" in text
+    assert not (tmp_path / "out" / "open_clip_model.safetensors").exists()
+
+
+def test_open_clip_weights_resolve_from_the_hugging_face_cache(tmp_path):
+    """A ViT-B-32 laion2b checkpoint placed in the HF cache layout (random weights) is found offline."""
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / "hf" / "hub" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+    commit = "0" * 40
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text(commit)
+    (snapshot / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
+              str(snapshot / "snapshots" / commit / "open_clip_model.safetensors"))
+    done = _build_in_subprocess(tmp_path, {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+                                tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert (info["model_name"], info["pretrained"], info["dim"], info["image_size"]) == ("ViT-B-32", "laion2b_s34b_b79k", 512, 224)
+    loaded, _, _ = load_backbone(tmp_path / "out")
+    ref = model.visual.conv1.weight.half().float()
+    assert torch.equal(loaded.visual.conv1.weight, ref)
+
+
+def test_unknown_pretrained_tag_lists_the_allowed_ones(tmp_path):
+    with pytest.raises(ValueError, match="no pretrained tag 'nope' for 'ViT-B-32'; allowed are .*laion2b_s34b_b79k"):
+        build_variant("clip", OpenClipModel(kind="open_clip", arch="ViT-B-32", pretrained="nope"), tmp_path)

@@ -1,0 +1,139 @@
+"""Content-addressed cache of per-image embeddings, shared by every extract run.
+
+DVC reruns `extract@<variant>` whenever its shards change, and deletes the
+stage's old outputs first. Without this cache, raising `sample.samples` from
+55 to 60 would embed all 60 images per class again, and a run killed after
+nine hours would start from zero. With it, an image is embedded once per
+(image bytes, checkpoint, preprocessing, numerics): the stage's outputs are
+still rebuilt in full, so `dvc.lock` stays truthful, but from cached rows.
+
+Layout: `<root>/<namespace>/<chunk>.arrow`, where the namespace hashes
+everything besides the image that decides the embedding, and each chunk is an
+Arrow IPC file (`digest`: sha256 of the JPEG bytes, `embedding`) written
+atomically. Chunks are only ever added, so several processes or Dask workers
+can fill one cache at once without locking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+import tasks.preprocess
+from tasks.schemas import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Bump when the meaning of a cached row changes in a way the key cannot see.
+CACHE_FORMAT = 1
+
+
+def image_digest(data: bytes) -> bytes:
+    """The content address of one image: sha256 of its encoded bytes."""
+    return hashlib.sha256(data).digest()
+
+
+def cache_key(checkpoint_sha256: str, preprocess_cfg: dict[str, Any], device_type: str, precision: str) -> dict[str, Any]:
+    """Everything besides the image that decides its embedding.
+
+    The preprocessing is keyed by its config and by the code that applies it;
+    the numerics (CPU fp32 vs CUDA fp16/bf16 autocast) give different
+    embeddings too, so they are part of the key.
+    """
+    code = Path(tasks.preprocess.__file__).read_bytes()
+    numerics = "cpu-fp32" if device_type != "cuda" else f"cuda-{precision}"
+    return {
+        "format": CACHE_FORMAT,
+        "checkpoint_sha256": checkpoint_sha256,
+        "preprocess_cfg": json.loads(json.dumps(preprocess_cfg, sort_keys=True, default=list)),
+        "preprocess_code_sha256": hashlib.sha256(code).hexdigest(),
+        "numerics": numerics,
+    }
+
+
+def namespace_of(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """Digest -> embedding lookups over the chunk files of one namespace.
+
+    The digest column of every chunk is indexed once when the cache opens
+    (32 bytes a row); embeddings stay in the memory-mapped files until asked
+    for. Thread-safe: one instance serves all shards mapped in a process.
+    """
+
+    def __init__(self, root: Path | str, key: dict[str, Any], dim: int):
+        self.dir = Path(root) / namespace_of(key)
+        self.dim = dim
+        self._schema = pa.schema([pa.field("digest", pa.binary(32), nullable=False),
+                                  pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)],
+                                 metadata={"cache_key": json.dumps(key, sort_keys=True)})
+        self._lock = threading.Lock()
+        self._where: dict[bytes, tuple[int, int]] = {}
+        self._tables: list[pa.Table] = []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "key.json").exists():
+            write_json(self.dir / "key.json", key)  # what the namespace means, for people
+        for path in sorted(self.dir.glob("*.arrow")):
+            if not path.name.startswith("."):  # "." = a temp file of a write in progress
+                self._open(path)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _open(self, path: Path) -> None:
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            if table.schema.field("embedding").type.list_size != self.dim:
+                raise ValueError(f"embedding dim {table.schema.field('embedding').type.list_size} != {self.dim}")
+        except (pa.ArrowInvalid, KeyError, ValueError) as exc:
+            log.warning("embedding cache: skipping unreadable chunk %s (%s)", path, exc)
+            return
+        slot = len(self._tables)
+        self._tables.append(table)
+        for row, digest in enumerate(table.column("digest").to_pylist()):
+            self._where.setdefault(digest, (slot, row))
+
+    def get(self, digests: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(hit mask, embeddings) for `digests`; rows of misses are zeros."""
+        out = np.zeros((len(digests), self.dim), np.float32)
+        hit = np.zeros(len(digests), bool)
+        by_table: dict[int, list[tuple[int, int]]] = {}
+        with self._lock:
+            for i, d in enumerate(digests):
+                if (loc := self._where.get(d)) is not None:
+                    by_table.setdefault(loc[0], []).append((i, loc[1]))
+            tables = list(self._tables)
+        for slot, pairs in by_table.items():
+            rows = np.array([r for _, r in pairs])
+            col = tables[slot].column("embedding").take(pa.array(rows)).combine_chunks()
+            idx = np.array([i for i, _ in pairs])
+            out[idx] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            hit[idx] = True
+        return hit, out
+
+    def put(self, digests: Sequence[bytes], embeddings: np.ndarray) -> None:
+        """Add rows as one new chunk file (atomic: a kill leaves no half chunk)."""
+        if not len(digests):
+            return
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(digests), self.dim)
+        table = pa.Table.from_arrays(
+            [pa.array(list(digests), type=pa.binary(32)),
+             pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)],
+            schema=self._schema)
+        target = self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.arrow"
+        with atomic_path(target) as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self._schema) as writer:
+                writer.write_table(table)
+        with self._lock:
+            self._open(target)

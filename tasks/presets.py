@@ -1,0 +1,54 @@
+"""Named recipes as overlays on params.yaml (`presets/<name>.yaml`).
+
+An overlay names only what it changes. Within a stage section each key it
+gives replaces that key (`extract: {batch_size: 256}` changes one value);
+`models`, `sources` and `sample.num_classes` are sets of named entries, so an
+overlay that gives them replaces the whole set: a CLIP preset swaps the
+backbones instead of adding to the offline ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.params import ParamsError, parse_params
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+_REPLACED_WHOLE = {("models",), ("sources",), ("sample", "num_classes")}
+
+
+def list_presets(directory: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_preset(name: str, directory: Path = PRESETS_DIR) -> dict[str, Any]:
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        raise ParamsError(f"preset {name!r}: not found; allowed are {list_presets(directory)}")
+    overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(overlay, dict):
+        raise ParamsError(f"{path}: must be a mapping of params sections")
+    return overlay
+
+
+def apply_overlay(base: dict[str, Any], overlay: dict[str, Any], _at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`base` with `overlay` merged in (see the module docstring for the rule); inputs are not modified."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        here = _at + (key,)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and here not in _REPLACED_WHOLE:
+            out[key] = apply_overlay(out[key], value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_params(name: str, base: dict[str, Any], directory: Path = PRESETS_DIR) -> dict[str, Any]:
+    """The params a preset gives on top of `base`, validated (ParamsError names the preset)."""
+    merged = apply_overlay(base, load_preset(name, directory))
+    parse_params(merged, origin=f"params.yaml + presets/{name}.yaml")
+    return merged

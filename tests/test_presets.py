@@ -1,0 +1,57 @@
+"""Presets: every recipe in presets/ validates on top of params.yaml, and the command applies one safely."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tasks.params import ParamsError, parse_params
+from tasks.presets import apply_overlay, list_presets, preset_params
+
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_validates(name):
+    params = parse_params(preset_params(name, BASE))
+    assert params.models and params.sources
+
+
+def test_clip_presets_name_the_real_backbones():
+    wanted = {("ViT-H-14", "laion2b_s32b_b79k"), ("ViT-L-14", "openai"), ("ViT-L-14-336", "openai"),
+              ("ViT-B-32", "laion2b_s34b_b79k")}
+    got = set()
+    for name in list_presets():
+        if name.startswith("clip_"):
+            models = parse_params(preset_params(name, BASE)).models
+            got |= {(m.arch, m.pretrained) for m in models.values()}
+    assert wanted <= got
+
+
+def test_overlay_replaces_named_sets_and_merges_sections():
+    merged = apply_overlay(BASE, {"models": {"x": {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai"}},
+                                  "extract": {"batch_size": 7}})
+    assert list(merged["models"]) == ["x"]
+    assert merged["extract"]["batch_size"] == 7 and merged["extract"]["device"] == BASE["extract"]["device"]
+    assert BASE["extract"]["batch_size"] != 7  # the base is not modified
+
+
+def test_preset_command_applies_validates_and_refuses(tmp_path, monkeypatch, capsys):
+    from flows.preset import main
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["clip_vit_b32_laion", "--check"]) == 0
+    assert (tmp_path / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    assert main(["clip_vit_b32_laion"]) == 0
+    applied = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert list(applied["models"]) == ["vit_b32_laion"] and applied["sources"] == BASE["sources"]
+    before = (tmp_path / "params.yaml").read_text()
+    assert main(["no_such_preset"]) == 2
+    assert "allowed are" in capsys.readouterr().err
+    assert (tmp_path / "params.yaml").read_text() == before
+    with pytest.raises(ParamsError):
+        parse_params(apply_overlay(BASE, {"extract": {"runner": "dask"}}))
