@@ -11,17 +11,21 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tasks import fashion_mnist
+from tasks import fashion_mnist, layouts
+from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, parse_kaggle, safe_extract
 from tasks.images import IMAGE_SUFFIXES
-from tasks.params import FashionMnistSource, ImageFolderSource, ParamsError, SourceParams
+from tasks.layouts import Skip
+from tasks.params import CsvSource, FashionMnistSource, Fetch, ImageFolderSource, ParamsError, SourceParams
 from tasks.photos import Photo
-from tasks.schemas import CATALOG_NAME, CATALOG_SCHEMA, write_table
+from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, FAILURES_NAME, FAILURES_SCHEMA, SKIPPED_NAME,
+                           SKIPPED_SCHEMA, write_table)
+from tasks.urls import Fetched
 from tasks.views import random_view, view_rng
 
 Row = dict[str, str]
@@ -38,6 +42,20 @@ def check_source(name: str, spec: SourceParams) -> None:
         local = Path(parsed.path if parsed.scheme else spec.uri)
         if parsed.scheme in ("", "file") and not local.is_dir():
             raise ParamsError(f"sources.{name}.uri = '{spec.uri}': no such folder ({fashion_mnist.DEBIAN_HINT})")
+    items = spec.fetches() if hasattr(spec, "fetches") else [Fetch(url=spec.uri)] if hasattr(spec, "uri") else []
+    for item in items:
+        parsed = urlparse(item.url)
+        if parsed.scheme not in ("", "file", "http", "https", "kaggle"):
+            raise ParamsError(f"sources.{name}.uri = '{item.url}': allowed are a path, file://, http(s):// and kaggle://")
+        if parsed.scheme in ("", "file") and not Path(unquote(parsed.path) if parsed.scheme else item.url).exists():
+            raise ParamsError(f"sources.{name}.uri = '{item.url}': no such file or folder")
+        if parsed.scheme == "kaggle":
+            try:
+                parse_kaggle(item.url)
+            except ValueError as exc:
+                raise ParamsError(f"sources.{name}.uri = {exc}") from None
+            if not kaggle_credentials():
+                raise ParamsError(f"sources.{name}.uri = '{item.url}': no Kaggle credentials found. {KAGGLE_HELP}")
 
 
 @contextmanager
@@ -117,3 +135,90 @@ def write_catalog(rows: list[Row], root: Path, source: str) -> pa.Table:
     })
     write_table(root / CATALOG_NAME, table, CATALOG_SCHEMA)
     return table
+
+
+# ------------------------------------------------------- datasets in their layouts
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (instant, no extra space) where the filesystem allows, else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def place_fetched(path: Path, fetch: Fetch, stage: Path) -> Path | None:
+    """Put one fetched file into the staging folder: archives extracted, files linked.
+
+    A local folder is not copied: it is returned, to be read in place (only
+    the images the catalog names are then linked in).
+    """
+    if path.is_dir():
+        return path
+    target = stage / fetch.into
+    if is_archive(path):
+        safe_extract(path, target)
+    else:
+        link_or_copy(path, target / (Path(unquote(urlparse(fetch.url).path)).name or path.name))
+    return None
+
+
+def read_layout(kind: str, spec: SourceParams, bases: list[Path]) -> tuple[Path, list[Row], list[Skip]]:
+    """Find the dataset root among `bases` and read its catalog rows (paths relative to the root)."""
+    if isinstance(spec, CsvSource):
+        is_root = lambda d: (d / spec.table).is_file()  # noqa: E731
+        expected = f"the table {spec.table!r}"
+    else:
+        is_root, expected = layouts.MARKERS[kind], layouts.EXPECTED[kind]
+    root = layouts.find_root(bases, is_root)
+    if root is None:
+        raise layouts.LayoutError(f"{kind}: found no folder with {expected} in {[str(b) for b in bases]}")
+    if isinstance(spec, CsvSource):
+        rows, skips = layouts.read_table_source(root, spec.table, spec.path_column, spec.label_column)
+    else:
+        rows, skips = READERS[kind](root)
+    return root, rows, skips
+
+
+READERS = {"imagenet": layouts.read_imagenet, "products10k": layouts.read_products10k,
+           "landmarks": layouts.read_landmarks, "rp2k": layouts.read_rp2k}
+
+
+def adopt_rows(root: Path, rows: list[Row], skips: list[Skip], stage: Path) -> tuple[list[Row], list[Skip]]:
+    """Rows with paths relative to the source folder; files outside it are linked in."""
+    if root.resolve().is_relative_to(stage.resolve()):
+        prefix = root.resolve().relative_to(stage.resolve())
+        rebase = lambda p: (prefix / p).as_posix()  # noqa: E731
+        return ([{**r, "path": rebase(r["path"])} for r in rows],
+                [Skip(rebase(s.path), s.label, s.reason) for s in skips])
+    for r in rows:
+        link_or_copy(root / r["path"], stage / r["path"])
+    return rows, skips
+
+
+def write_skips(skips: list[Skip], root: Path) -> None:
+    rows = sorted(({"path": s.path, "label": s.label, "reason": s.reason} for s in skips), key=lambda r: r["path"])
+    write_table(root / SKIPPED_NAME, pa.Table.from_pylist(rows, schema=SKIPPED_SCHEMA), SKIPPED_SCHEMA)
+
+
+# ------------------------------------------------------------------- URL lists
+
+
+def adopt_urls(fetched: list[Fetched], stage: Path) -> tuple[list[Row], list[dict]]:
+    """Link fetched images into images/<h[:2]>/<h>.<ext>; returns catalog rows and failure rows."""
+    rows, failures = [], []
+    for f in fetched:
+        if f.path is None:
+            failures.append({"url": f.url, "label": f.label, "error": f.error})
+            continue
+        rel = Path("images") / f.path.parent.name / f.path.name
+        link_or_copy(f.path, stage / rel)
+        rows.append({"path": rel.as_posix(), "label": f.label})
+    return rows, failures
+
+
+def write_failures(failures: list[dict], root: Path) -> None:
+    rows = sorted(failures, key=lambda r: r["url"])
+    write_table(root / FAILURES_NAME, pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), FAILURES_SCHEMA)

@@ -95,8 +95,110 @@ class ImageFolderSource(_Section):
     path: Path
 
 
+class Fetch(_Section):
+    """One file to fetch: a URL (http(s)://, file://) or a local path, with its sha256 if known."""
+
+    url: str
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    # Sub-folder of the source's folder to put the file in (or extract the archive into):
+    # GLDv2's images_NNN.tar hold a/b/c/<id>.jpg, which belong under train/.
+    into: str = ""
+
+    @model_validator(mode="after")
+    def _into_is_relative(self) -> "Fetch":
+        if self.into.startswith("/") or ".." in Path(self.into).parts:
+            raise ValueError(f"into = {self.into!r}: must be a relative folder inside the source")
+        return self
+
+
+class _DatasetSource(_Section):
+    """A dataset in its published layout, fetched from `uri`.
+
+    `uri` is a folder, a file or archive (tar, tar.gz, zip; local, file:// or
+    http(s)://), a list of them (GLDv2 comes as train.csv + 500 tars), or a
+    Kaggle competition or dataset: kaggle://competitions/<name>,
+    kaggle://datasets/<owner>/<name>. Archives are extracted safely into the
+    source's folder; downloads are kept in `download_cache` so a rerun or a
+    dropped connection does not fetch again what it already has.
+    """
+
+    uri: Union[str, list[Union[str, Fetch]]]
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # of `uri`, when it is one file
+    download_cache: str = ".cache/downloads"
+
+    @model_validator(mode="after")
+    def _sha_only_for_one_file(self) -> "_DatasetSource":
+        if self.sha256 and not isinstance(self.uri, str):
+            raise ValueError("sha256 is for a single uri; for a list give each entry as {url: ..., sha256: ...}")
+        return self
+
+    def fetches(self) -> list[Fetch]:
+        items = [self.uri] if isinstance(self.uri, str) else self.uri
+        out = [Fetch(url=i) if isinstance(i, str) else i for i in items]
+        if self.sha256:
+            out = [Fetch(url=out[0].url, sha256=self.sha256)]
+        return out
+
+
+class ImageNetSource(_DatasetSource):
+    """Kaggle's ImageNet Object Localization Challenge: ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG."""
+
+    kind: Literal["imagenet"]
+
+
+class Products10kSource(_DatasetSource):
+    """Products-10K: train.csv (name, class, group) and the train/ image folder."""
+
+    kind: Literal["products10k"]
+
+
+class LandmarksSource(_DatasetSource):
+    """Google Landmarks v2 / GLR2021: train.csv (id, landmark_id), train/<a>/<b>/<c>/<id>.jpg."""
+
+    kind: Literal["landmarks"]
+
+
+class Rp2kSource(_DatasetSource):
+    """RP2K retail products: train/<class name>/*.jpg, class names in Chinese (UTF-8)."""
+
+    kind: Literal["rp2k"]
+
+
+class CsvSource(_DatasetSource):
+    """Anyone's own data as a table: `table` (CSV or Parquet, inside the dataset) lists path and label."""
+
+    kind: Literal["csv"]
+    table: str = "labels.csv"
+    path_column: str = "path"   # relative to the table's folder
+    label_column: str = "label"
+
+
+class UrlsSource(_Section):
+    """A CSV or Parquet list of image URLs with labels, downloaded concurrently.
+
+    Retries with exponential backoff on timeouts, 429 (honouring
+    Retry-After) and 5xx; every failure is recorded in failures.parquet; a
+    rerun fetches only what is missing or failed (fetched images are kept in
+    `download_cache`).
+    """
+
+    kind: Literal["urls"]
+    uri: str
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    url_column: str = "url"
+    label_column: str = "label"
+    concurrency: int = Field(32, ge=1, le=512)  # connections in all
+    per_host: int = Field(8, ge=1, le=512)      # connections to any one host
+    retries: int = Field(4, ge=0, le=20)
+    timeout_s: float = Field(30.0, gt=0.0)
+    backoff_s: float = Field(1.0, ge=0.0)       # first retry's wait; doubles each time
+    download_cache: str = ".cache/downloads"
+
+
 SourceParams = Annotated[
-    Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource], Field(discriminator="kind")
+    Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource, ImageNetSource, Products10kSource,
+          LandmarksSource, Rp2kSource, CsvSource, UrlsSource],
+    Field(discriminator="kind"),
 ]
 
 # --------------------------------------------------------------------------- stages
@@ -115,6 +217,14 @@ class SampleParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # Share of each held-out class's images used as queries; the rest is the index.
     query_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    # How each source's classes are chosen: "random" (seeded) or "most_populous"
+    # (GLR2021's "top 7k classes"); sources not named here pick at random.
+    pick: dict[str, Literal["random", "most_populous"]] = Field(default_factory=dict)
+    # Classes with fewer images than this are skipped (and recorded).
+    min_images: int = Field(2, ge=2)
+    # The same label in two sources is two classes unless mapped to one name
+    # here: {"<source>/<label>": "<shared class>"}.
+    label_map: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _positive_counts(self) -> "SampleParams":
@@ -224,11 +334,15 @@ class Params(_Section):
         if not self.sources:
             raise ValueError("sources: needs at least one source")
         missing = sorted(set(self.sources) - set(self.sample.num_classes))
-        extra = sorted(set(self.sample.num_classes) - set(self.sources))
+        extra = sorted((set(self.sample.num_classes) | set(self.sample.pick)) - set(self.sources))
         if missing:
             raise ValueError(f"sample.num_classes lacks sources {missing}: give each source a class count")
         if extra:
-            raise ValueError(f"sample.num_classes names unknown sources {extra}: allowed are {sorted(self.sources)}")
+            raise ValueError(f"sample.num_classes/pick name unknown sources {extra}: allowed are {sorted(self.sources)}")
+        for key in self.sample.label_map:
+            if key.split("/", 1)[0] not in self.sources or "/" not in key:
+                raise ValueError(f"sample.label_map key {key!r}: must be '<source>/<label>' with a source "
+                                 f"from {sorted(self.sources)}")
         for name in list(self.models) + list(self.sources):
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"name {name!r}: use letters, digits and '_' only (it becomes a path and a key)")

@@ -46,43 +46,52 @@ class SkippedClass:
     reason: str
 
 
-def eligible_classes(catalog: pl.DataFrame, source: str) -> tuple[list[str], list[SkippedClass]]:
+def eligible_classes(catalog: pl.DataFrame, source: str, min_images: int = MIN_IMAGES_PER_CLASS,
+                     ) -> tuple[list[str], list[SkippedClass]]:
     """Labels with enough images to be sampled, and the ones skipped (with the reason)."""
     counts = catalog.group_by("label").len().sort("label")
-    skipped = [SkippedClass(source, r["label"], r["len"], f"fewer than {MIN_IMAGES_PER_CLASS} images")
-               for r in counts.filter(pl.col("len") < MIN_IMAGES_PER_CLASS).iter_rows(named=True)]
-    return counts.filter(pl.col("len") >= MIN_IMAGES_PER_CLASS)["label"].to_list(), skipped
+    skipped = [SkippedClass(source, r["label"], r["len"], f"fewer than {min_images} images")
+               for r in counts.filter(pl.col("len") < min_images).iter_rows(named=True)]
+    return counts.filter(pl.col("len") >= min_images)["label"].to_list(), skipped
 
 
 def check_class_counts(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> None:
     """Raise ParamsError, before any sampling, when a source has fewer classes than asked for."""
     for source in sorted(catalogs):
-        eligible, _ = eligible_classes(catalogs[source], source)
+        eligible, _ = eligible_classes(catalogs[source], source, params.min_images)
         wanted = params.num_classes[source]
         if wanted == "all":
             if len(eligible) < 2:
                 raise ParamsError(f"sample.num_classes.{source} = 'all': source '{source}' has {len(eligible)} "
-                                  f"classes with >= {MIN_IMAGES_PER_CLASS} images; at least 2 are needed")
+                                  f"classes with >= {params.min_images} images; at least 2 are needed")
         elif wanted > len(eligible):
             raise ParamsError(
                 f"sample.num_classes.{source} = {wanted}: source '{source}' has {len(eligible)} classes "
-                f"with >= {MIN_IMAGES_PER_CLASS} images; allowed is 2..{len(eligible)}"
+                f"with >= {params.min_images} images (sample.min_images); allowed is 2..{len(eligible)}"
             )
 
 
-def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, seed: int) -> tuple[list[str], list[SkippedClass]]:
-    """Pick `num_classes` eligible labels (or all of them) in seeded order; report the ineligible ones."""
-    eligible, skipped = eligible_classes(catalog, source)
+def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, seed: int,
+                   pick: str = "random", min_images: int = MIN_IMAGES_PER_CLASS) -> tuple[list[str], list[SkippedClass]]:
+    """Pick `num_classes` eligible labels (or all of them); report the ineligible ones.
+
+    "random" takes them in seeded order; "most_populous" takes the classes
+    with the most images first (GLR2021's "top 7k classes"), ties in seeded
+    order. Either way the order is fixed, so raising num_classes appends.
+    """
+    eligible, skipped = eligible_classes(catalog, source, min_images)
     num_classes = len(eligible) if num_classes == "all" else num_classes
     if num_classes > len(eligible):
         raise ValueError(f"{source}: {num_classes} classes asked for, {len(eligible)} eligible")
-    ordered = sorted(eligible, key=lambda label: (seeded_order(seed, source, label), label))
+    size = dict(catalog.group_by("label").len().iter_rows()) if pick == "most_populous" else {}
+    ordered = sorted(eligible, key=lambda label: (-size.get(label, 0), seeded_order(seed, source, label), label))
     return ordered[:num_classes], skipped
 
 
 def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, params: SampleParams) -> tuple[pl.DataFrame, list[SkippedClass]]:
     """Rows (key, source, label, path, split) sampled from one source's catalog."""
-    classes, skipped = choose_classes(catalog, source, num_classes, params.seed)
+    classes, skipped = choose_classes(catalog, source, num_classes, params.seed, params.pick.get(source, "random"),
+                                      params.min_images)
     rows = []
     for position, label in enumerate(classes):
         held_out = is_minority(position, params.eval_fraction)
@@ -98,6 +107,14 @@ def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, pa
     return pl.DataFrame(rows, schema={c: pl.String for c in ("key", "source", "label", "path", "split")}), skipped
 
 
+def _keep_mapped_classes_on_one_side(manifest: pl.DataFrame) -> pl.DataFrame:
+    """A shared class drawn for training in one source and held out in another would leak
+    into the evaluation: its held-out images move to training."""
+    seen = manifest.filter(pl.col("split").is_in(["train", "val"]))["class_name"].unique()
+    leak = pl.col("class_name").is_in(seen.implode()) & pl.col("split").is_in(["query", "index"])
+    return manifest.with_columns(pl.when(leak).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
+
+
 def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> tuple[pa.Table, list[SkippedClass]]:
     """The manifest of all sources, with class ids global across sources.
 
@@ -111,9 +128,14 @@ def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> t
         frames.append(frame)
         skipped.extend(skip)
     manifest = pl.concat(frames)
-    ids = (manifest.select("source", "label").unique().sort("source", "label")
+    # A class is "<source>/<label>" unless label_map names a shared class for it.
+    mapped = {k: f"*/{v}" for k, v in params.label_map.items()}
+    manifest = manifest.with_columns(
+        pl.concat_str("source", pl.lit("/"), "label").replace(mapped).alias("class_name"))
+    manifest = _keep_mapped_classes_on_one_side(manifest)
+    ids = (manifest.select("class_name").unique().sort("class_name")
            .with_row_index("class_id").with_columns(pl.col("class_id").cast(pl.Int32)))
-    manifest = manifest.join(ids, on=["source", "label"]).sort("key")
+    manifest = manifest.join(ids, on="class_name").sort("key")
     if manifest["key"].n_unique() != manifest.height:
         raise ValueError("duplicate image keys: two catalog rows share a path")
     return manifest.select(MANIFEST_SCHEMA.names).to_arrow().cast(MANIFEST_SCHEMA), skipped

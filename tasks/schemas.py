@@ -35,6 +35,8 @@ SPLITS = ("train", "val", "query", "index")
 CATALOG_NAME = "catalog.parquet"
 SHARD_INDEX = "index.json"
 REJECTS_NAME = "rejects.parquet"
+SKIPPED_NAME = "skipped.parquet"    # download: catalogued images that could not be used, with why
+FAILURES_NAME = "failures.parquet"  # download (urls): every URL that could not be fetched, with why
 
 # ----------------------------------------------------------------------- tables
 
@@ -64,6 +66,23 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
+
+SKIPPED_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+    ]
+)
+
 
 # What `python -m flows.embed index` writes: one row per image of a folder.
 def index_schema(dim: int) -> pa.Schema:

@@ -91,6 +91,7 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
     for name in ("flows", "tasks"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     make_imagefolder(repo / "mine_images", classes=4, per_class=3, size=(48, 40))  # + broken: 4 <= samples
     (repo / "mine_images" / "class_00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -139,11 +140,24 @@ def test_epochs_change_reruns_train_and_what_follows_only(repo):
     assert ran(run(path, env, "repro")) == {"train", "evaluate", "export"}
 
 
-def test_samples_change_reruns_from_sample_on(repo):
+def shard_images(path: Path) -> int:
+    return sum(e["nsamples"] for e in json.loads((path / "data/03_shards/index.json").read_text())["shardlist"])
+
+
+def test_samples_change_reruns_from_sample_on_and_embeds_only_new_images(repo):
     path, env = repo
+    before = shard_images(path)
     set_param(path, "sample", "samples", 5)
-    assert ran(run(path, env, "repro")) == {"sample", "shard", "extract@lite0", "train", "evaluate", "export"}
+    out = run(path, env, "repro")
+    assert ran(out) == {"sample", "shard", "extract@lite0", "train", "evaluate", "export"}
+    after = shard_images(path)
+    assert after > before
+    # DVC reran extract (its shards changed); the stage embedded only the images it had not seen
+    counts = re.search(r"extract\[lite0\]: (\d+) images from \d+ shards .*: (\d+) embedded, (\d+) from the cache", out)
+    assert counts, out[-3000:]
+    assert tuple(map(int, counts.groups())) == (after, after - before, before)
     assert ran(run(path, env, "repro")) == set()
+    assert "up to date" in run(path, env, "status")
 
 
 def test_invalid_params_stop_before_any_work(repo):

@@ -1,0 +1,120 @@
+"""A URL list (`url,label` rows) -> images in the download cache, concurrently and politely.
+
+Every image is fetched with `tasks.fetch.download` (retries with backoff on
+timeouts, 429 + Retry-After and 5xx; atomic rename), under two limits shared
+by all threads of the process: `concurrency` connections in all and
+`per_host` to any one host, so a list dominated by one CDN does not hammer
+it. An image already in the cache is not fetched again, so a rerun fetches
+only what is missing or failed before. Failures are returned, not raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import httpx
+import polars as pl
+
+from tasks.fetch import USER_AGENT, FetchError, download
+from tasks.images import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class UrlRow:
+    url: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Fetched:
+    url: str
+    label: str
+    path: Path | None  # None: failed
+    error: str = ""
+
+
+def read_url_list(path: Path, url_column: str, label_column: str) -> list[UrlRow]:
+    """The rows of a CSV or Parquet URL list; a missing column is a clear error."""
+    frame = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=0)
+    missing = [c for c in (url_column, label_column) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path.name}: missing columns {missing}; it has {frame.columns}")
+    return [UrlRow(str(u), str(l)) for u, l in zip(frame[url_column], frame[label_column])]
+
+
+def cached_path(cache: Path, url: str) -> Path:
+    """Content of `url` lives at <cache>/<h[:2]>/<h><suffix>, h = sha256(url)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:32]
+    suffix = Path(urlparse(url).path).suffix.lower()
+    return cache / digest[:2] / f"{digest}{suffix if suffix in IMAGE_SUFFIXES else '.jpg'}"
+
+
+class Limits:
+    """Connection limits and one pooled HTTP client, shared by every fetch in this process."""
+
+    _shared: dict[tuple[int, int], "Limits"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, concurrency: int, per_host: int):
+        self.total = threading.BoundedSemaphore(concurrency)
+        self.per_host = per_host
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+        self.client = httpx.Client(follow_redirects=True, headers={"User-Agent": USER_AGENT},
+                                   limits=httpx.Limits(max_connections=concurrency,
+                                                       max_keepalive_connections=concurrency))
+
+    @classmethod
+    def shared(cls, concurrency: int, per_host: int) -> "Limits":
+        with cls._lock:
+            key = (concurrency, per_host)
+            if key not in cls._shared:
+                cls._shared[key] = cls(concurrency, per_host)
+            return cls._shared[key]
+
+    def gate(self, url: str) -> "_Gate":
+        host = urlparse(url).netloc
+        with self._lock:
+            sem = self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
+        return _Gate(self.total, sem)
+
+
+class _Gate:
+    def __init__(self, *sems: threading.BoundedSemaphore):
+        self.sems = sems
+
+    def __enter__(self) -> None:
+        for s in self.sems:
+            s.acquire()
+
+    def __exit__(self, *exc) -> None:
+        for s in reversed(self.sems):
+            s.release()
+
+
+def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: int, retries: int,
+               timeout_s: float, backoff_s: float, on_done: Callable[[Fetched], None] | None = None,
+               on_bytes: Callable[[int], None] | None = None) -> list[Fetched]:
+    """Fetch every row (already-cached ones return at once); results keep the rows' order."""
+    limits = Limits.shared(concurrency, per_host)
+
+    def one(row: UrlRow) -> Fetched:
+        try:
+            path = download(row.url, cached_path(cache, row.url), retries=retries, backoff_s=backoff_s,
+                            timeout_s=timeout_s, client=limits.client, progress=on_bytes,
+                            gate=limits.gate(row.url))
+            result = Fetched(row.url, row.label, path)
+        except (FetchError, httpx.HTTPError, OSError, ValueError) as exc:
+            result = Fetched(row.url, row.label, None, str(exc).removeprefix(f"{row.url}: ") or type(exc).__name__)
+        if on_done:
+            on_done(result)
+        return result
+
+    # threads wait on the gates, so more threads than connections keeps every connection busy
+    with ThreadPoolExecutor(max_workers=min(len(rows), concurrency * 2) or 1, thread_name_prefix="fetch") as pool:
+        return list(pool.map(one, rows))
