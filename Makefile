@@ -14,7 +14,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test data-packages metrics server deploy worker
+.PHONY: setup demo test data-packages metrics server deploy worker preset
 
 setup: $(STAMP) data-packages
 
@@ -50,6 +50,11 @@ test: setup
 
 metrics:
 	dvc metrics show
+
+# Switch params.yaml to a recipe in presets/ (validated first): `make preset NAME=2xclip`,
+# then `make demo` or `dvc exp run -n $(NAME)`. Without NAME it lists them.
+preset: setup
+	python -m flows.preset $(NAME)
 
 # --- Prefect UI and scheduled runs (see README) ------------------------------
 PREFECT_PORT ?= 4200

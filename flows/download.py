@@ -29,7 +29,7 @@ from tasks.urls import UrlRow, fetch_urls, read_url_list
 
 render_views = task(dl.render_photo_views, name="render-views", cache_policy=NO_CACHE)
 fetch_fashion_mnist = task(dl.write_fashion_mnist, name="fetch-fashion-mnist", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
-copy_imagefolder = task(dl.copy_imagefolder, name="copy-imagefolder", cache_policy=NO_CACHE)
+link_imagefolder = task(dl.link_imagefolder, name="link-imagefolder", cache_policy=NO_CACHE)
 place = task(dl.place_fetched, name="place-file", cache_policy=NO_CACHE)
 
 URL_CHUNK = 2000  # URLs per Prefect task: one task per image would swamp the API
@@ -115,7 +115,7 @@ def download(source: str, spec: SourceParams) -> int:
         elif isinstance(spec, FashionMnistSource):
             rows = fetch_fashion_mnist(spec.uri, root, spec.per_class)
         elif isinstance(spec, ImageFolderSource):
-            rows = copy_imagefolder(Path(spec.path), root)
+            rows = link_imagefolder(Path(spec.path), root)
         elif isinstance(spec, UrlsSource):
             rows, _ = _urls(source, spec, root)
         else:

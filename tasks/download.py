@@ -19,7 +19,6 @@ from PIL import Image
 
 from tasks import fashion_mnist, layouts
 from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, parse_kaggle, safe_extract
-from tasks.images import IMAGE_SUFFIXES
 from tasks.layouts import Skip
 from tasks.params import CsvSource, FashionMnistSource, Fetch, ImageFolderSource, ParamsError, SourceParams
 from tasks.photos import Photo
@@ -102,27 +101,18 @@ def write_fashion_mnist(uri: str, root: Path, per_class: int) -> list[Row]:
     return rows
 
 
-def copy_imagefolder(src: Path, root: Path) -> list[Row]:
-    """Bring a class-per-folder tree under `root` (hard links where possible).
+def link_imagefolder(src: Path, root: Path) -> list[Row]:
+    """Bring a class-per-folder tree under `root` as images/<class>/... (hard links where possible).
 
     Files are taken as they are: decoding problems are found and recorded by
     the shard stage, which sees every image anyway.
     """
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
-    rows = []
-    for class_dir in sorted(p for p in src.iterdir() if p.is_dir()):
-        for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            rel = Path("images") / path.relative_to(src)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, root / rel)
-            except OSError:
-                shutil.copy2(path, root / rel)
-            rows.append({"path": rel.as_posix(), "label": class_dir.name})
-    return rows
+    rows, _ = layouts.read_imagefolder(src)
+    for r in rows:
+        link_or_copy(src / r["path"], root / "images" / r["path"])
+    return [{"path": f"images/{r['path']}", "label": r["label"]} for r in rows]
 
 
 def write_catalog(rows: list[Row], root: Path, source: str) -> pa.Table:

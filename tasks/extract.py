@@ -10,6 +10,7 @@ content-addressed cache instead of the model.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -126,10 +127,17 @@ def feature_metadata(variant: str, info: dict) -> dict[str, str]:
 
 
 def get_worker(model_dir: str, params: ExtractParams) -> Worker:
-    """The process-wide Worker for a model: a Dask worker or thread pool loads the model once, not per shard."""
-    key = (str(model_dir), params.device, params.precision, params.cache_dir)
+    """The process-wide Worker for a model: a Dask worker or thread pool loads the model once, not per shard.
+
+    Keyed by the checkpoint's hash too, so a long-lived Dask worker picks up
+    a rebuilt model at the same path instead of serving the old one.
+    """
+    checkpoint = json.loads((Path(model_dir) / "model.json").read_text())["checkpoint_sha256"]
+    key = (str(model_dir), checkpoint, params.device, params.precision, params.cache_dir)
     with _workers_lock:
         if key not in _workers:
+            for old in [k for k in _workers if k[0] == key[0]]:
+                del _workers[old]  # one model per folder in memory
             device = resolve_device(params.device)
             model, preprocess, info = load_backbone(model_dir, device="cpu")
             cache = None

@@ -291,7 +291,12 @@ class TrainParams(_Section):
     # dynamic_arcface: margins from the most frequent class to the rarest.
     margin_min: float = Field(0.2, ge=0.0, lt=1.5)
     margin_max: float = Field(0.45, ge=0.0, lt=1.5)
-    schedule: Literal["linear", "cosine"] = "linear"  # both after the linear warm-up
+    # After the linear warm-up: linear decay, half cosine, or x step_gamma every step_epochs.
+    schedule: Literal["linear", "cosine", "step"] = "linear"
+    step_epochs: int = Field(100, ge=1)
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    # adamw (decoupled weight decay) or adam (L2 in the gradient, as 2xCLIP's Adam).
+    optimizer: Literal["adamw", "adam"] = "adamw"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     # Stop when the val split's mP@5 has not improved for this many epochs (0: never) and keep the best epoch.
     early_stopping_patience: int = Field(0, ge=0)

@@ -39,6 +39,15 @@ def warmup_linear_decay(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_step(warmup_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float):
+    """LR multiplier: linear warm-up, then x`gamma` every `step_epochs` epochs (2xCLIP: x0.1 every 100)."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** (step // (steps_per_epoch * step_epochs))
+    return factor
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR multiplier: linear warm-up, then half a cosine from 1 down to 0."""
     def factor(step: int) -> float:
@@ -101,12 +110,16 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
 
     head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout, params.branches)
     arc = make_loss(params, y, len(classes))
-    opt = torch.optim.AdamW(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
-                            weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
+    opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = -(-len(x) // params.batch_size)
     total = steps_per_epoch * params.epochs
-    shape = warmup_cosine if params.schedule == "cosine" else warmup_linear_decay
-    sched = LambdaLR(opt, shape(total, int(params.warmup_fraction * total)))
+    warmup = int(params.warmup_fraction * total)
+    if params.schedule == "step":
+        shape = warmup_step(warmup, steps_per_epoch, params.step_epochs, params.step_gamma)
+    else:
+        shape = (warmup_cosine if params.schedule == "cosine" else warmup_linear_decay)(total, warmup)
+    sched = LambdaLR(opt, shape)
     gen = torch.Generator().manual_seed(params.seed)
 
     history: list[dict[str, float]] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import miniatures
 from conftest import REPO, make_imagefolder
 
 pytestmark = pytest.mark.e2e
@@ -60,8 +61,11 @@ def tiny_params() -> dict:
     params["sources"] = {
         "package_photos": {**params["sources"]["package_photos"], "views": 8, "max_side": 64},
         "mine": {"kind": "imagefolder", "path": "mine_images"},
+        # a miniature GLR2021 as Kaggle ships it, from an archive: extracted safely, most populous classes
+        "glr": {"kind": "landmarks", "uri": "glr_mini.tar.gz"},
     }
-    params["sample"].update(samples=4, num_classes={"package_photos": 8, "mine": 4})
+    params["sample"].update(samples=4, num_classes={"package_photos": 8, "mine": 4, "glr": 4},
+                            pick={"glr": "most_populous"})
     params["shard"].update(max_samples=16, max_side=64)
     params["extract"].update(batch_size=16, num_workers=0)
     params["train"].update(epochs=2, batch_size=16)
@@ -95,6 +99,9 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     make_imagefolder(repo / "mine_images", classes=4, per_class=3, size=(48, 40))  # + broken: 4 <= samples
     (repo / "mine_images" / "class_00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    glr = tmp_path_factory.mktemp("glr")
+    miniatures.landmarks(glr, sizes=(6, 5, 4, 4, 2, 1))
+    miniatures.tar_gz(glr, repo / "glr_mini.tar.gz", top="landmark-recognition-2021")
     env = {**os.environ, **prefect_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -108,7 +115,7 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
 def test_full_repro_then_noop(repo):
     path, env = repo
     out = run(path, env, "repro")
-    assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "sample", "shard",
+    assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "download@glr", "sample", "shard",
                         "extract@lite0", "train", "evaluate", "export"}
     metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
     assert metrics["queries"] > 0 and set(metrics["lines"]) == {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
@@ -117,6 +124,13 @@ def test_full_repro_then_noop(repo):
     rejects = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet('data/03_shards/rejects.parquet')['path'].to_list())"],
                              cwd=path, capture_output=True, text=True, check=True).stdout
     assert "broken.jpg" in rejects
+    # the landmarks archive: extracted, its missing file recorded, its four most populous classes sampled
+    tables = subprocess.run([sys.executable, "-c", "import polars as pl; "
+                             "m = pl.read_parquet('data/02_sampled/manifest.parquet').filter(pl.col('source') == 'glr'); "
+                             "print(sorted(m['label'].unique().to_list())); "
+                             "print(pl.read_parquet('data/01_raw/glr/skipped.parquet')['reason'].to_list())"],
+                            cwd=path, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert tables == ["['1000', '1001', '1002', '1003']", "['listed in the table but not found']"]
 
     again = run(path, env, "repro")
     assert ran(again) == set()
@@ -167,13 +181,14 @@ def test_invalid_params_stop_before_any_work(repo):
     assert proc.returncode != 0
     assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
     set_param(path, "sample", "samples", 5)
-    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 9})
+    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 9, "glr": 4})
     proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images; allowed is 2..4" in out
+    assert ("sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images (sample.min_images); "
+            "allowed is 2..4") in out
     assert "Traceback" not in out
-    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4})
+    set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4, "glr": 4})
 
 
 def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tasks.features import SplitFeatures
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.params import TrainParams
-from tasks.train import embed_with_head, load_head, save_head, train_head, warmup_cosine, warmup_linear_decay
+from tasks.train import (embed_with_head, load_head, save_head, train_head, warmup_cosine, warmup_linear_decay,
+                         warmup_step)
 
 
 def expected_target(cos: float, m: float) -> float:
@@ -71,6 +72,9 @@ def test_schedules():
     c = warmup_cosine(total_steps=110, warmup_steps=10)
     assert c(4) == pytest.approx(0.5) and c(10) == pytest.approx(1.0)
     assert c(60) == pytest.approx(0.5) and c(110) == pytest.approx(0.0, abs=1e-12)
+    # 2xCLIP: x0.1 every 100 epochs (here 10 steps an epoch), no warm-up
+    s = warmup_step(0, steps_per_epoch=10, step_epochs=100, gamma=0.1)
+    assert s(0) == 1.0 and s(999) == 1.0 and s(1000) == pytest.approx(0.1) and s(2500) == pytest.approx(0.01)
 
 
 def clusters(n_classes: int, per_class: int, dim: int, seed: int, noise: float = 0.8) -> SplitFeatures:
@@ -81,11 +85,12 @@ def clusters(n_classes: int, per_class: int, dim: int, seed: int, noise: float =
     return SplitFeatures([f"k{i}" for i in range(len(ids))], ids, emb)
 
 
-@pytest.mark.parametrize("head,loss", [("dropout_linear", "arcface"), ("bn_linear", "subcenter_arcface"),
-                                       ("multi_dropout", "dynamic_arcface")])
-def test_training_learns_and_is_deterministic(tmp_path, head, loss):
+@pytest.mark.parametrize("head,loss,schedule,optimizer", [
+    ("dropout_linear", "arcface", "cosine", "adamw"), ("bn_linear", "subcenter_arcface", "step", "adam"),
+    ("multi_dropout", "dynamic_arcface", "linear", "adamw")])
+def test_training_learns_and_is_deterministic(tmp_path, head, loss, schedule, optimizer):
     p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16, arcface_scale=16.0,
-                    head=head, loss=loss, schedule="cosine", label_smoothing=0.1)
+                    head=head, loss=loss, schedule=schedule, optimizer=optimizer, step_epochs=4, label_smoothing=0.1)
     train, val = clusters(6, 20, 24, 0), clusters(6, 5, 24, 1)
     a, b = train_head(train, val, p), train_head(train, val, p)
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]

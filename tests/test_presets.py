@@ -55,3 +55,20 @@ def test_preset_command_applies_validates_and_refuses(tmp_path, monkeypatch, cap
     assert (tmp_path / "params.yaml").read_text() == before
     with pytest.raises(ParamsError):
         parse_params(apply_overlay(BASE, {"extract": {"runner": "dask"}}))
+
+
+def test_competition_recipes_match_the_write_ups():
+    two = parse_params(preset_params("2xclip", BASE))
+    assert {(m.arch, m.pretrained) for m in two.models.values()} == {("ViT-L-14-336", "openai"),
+                                                                     ("ViT-L-14", "laion2b_s32b_b82k")}
+    assert dict(two.sample.num_classes) == {"imagenet": 1000, "landmarks": 10000, "products10k": 5000, "rp2k": 1850}
+    assert two.sample.samples == 55 and round(two.sample.val_fraction * 55) == 5
+    assert two.sample.pick == {"landmarks": "most_populous"}
+    t = two.train
+    assert (t.head, t.dropout, t.loss, t.optimizer, t.lr, t.schedule, t.step_epochs, t.step_gamma, t.epochs,
+            t.batch_size) == ("dropout_linear", 0.3, "subcenter_arcface", "adam", 1e-3, "step", 100, 0.1, 300, 128)
+    dense = parse_params(preset_params("dense64", BASE))
+    assert dense.sample.samples == 50 and dense.sample.val_fraction == 0.1
+    assert dense.sample.num_classes["landmarks"] == 7000 and dense.sample.pick["landmarks"] == "most_populous"
+    assert {s.kind for s in dense.sources.values()} == {"imagenet", "landmarks", "products10k"}
+    assert (dense.train.schedule, dense.train.epochs, dense.train.embedding_dim) == ("linear", 10, 64)
