@@ -2,8 +2,8 @@
 
 Runs the `urls` source's own fetcher (`tasks.urls.fetch_urls`: pooled
 connections, per-host limit, retries, atomic writes into the download
-cache) over N small JPEGs served by the test suite's loopback server. The
-server can add a fixed delay per response to stand in for network latency
+cache) over N small JPEGs served by the test suite's loopback server, which
+runs in a process of its own. The server can add a fixed delay per response to stand in for network latency
 (a real image CDN answers in tens of milliseconds); with none, the figure is
 the fetcher's own overhead. Prints JSON with images/s and each setting's
 speed-up over one connection. Run on demand:
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -38,27 +39,40 @@ def jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def run(images: int, latency_ms: float, connections: int) -> dict:
+def serve(images: int, latency_ms: float, conn, stop) -> None:
+    """The loopback server in a process of its own, so it does not share the fetcher's GIL."""
     with Loopback() as server:
-        rows = []
         for i in range(images):
             server.files[f"/img/{i}.jpg"] = jpeg(i % 50)
             if latency_ms:
                 server.faults[f"/img/{i}.jpg"] = Fault(delay_s=latency_ms / 1000)
-            rows.append(UrlRow(f"{server.url}/img/{i}.jpg", str(i % 10)))
-        cache = Path(tempfile.mkdtemp(prefix="guie-bench-dl-"))
-        try:
-            start = time.perf_counter()
-            fetched = fetch_urls(rows, cache, concurrency=connections, per_host=connections, retries=2,
-                                 timeout_s=30, backoff_s=0.1)
-            seconds = time.perf_counter() - start
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-        failed = sum(f.path is None for f in fetched)
-        total = sum(len(server.files[f"/img/{i}.jpg"]) for i in range(images))
+        conn.send((server.url, sum(len(b) for b in server.files.values())))
+        stop.wait()
+        conn.send(server.max_active)
+
+
+def run(images: int, latency_ms: float, connections: int) -> dict:
+    parent, child = multiprocessing.Pipe()
+    stop = multiprocessing.Event()
+    proc = multiprocessing.Process(target=serve, args=(images, latency_ms, child, stop), daemon=True)
+    proc.start()
+    url, total = parent.recv()
+    rows = [UrlRow(f"{url}/img/{i}.jpg", str(i % 10)) for i in range(images)]
+    cache = Path(tempfile.mkdtemp(prefix="guie-bench-dl-"))
+    try:
+        start = time.perf_counter()
+        fetched = fetch_urls(rows, cache, concurrency=connections, per_host=connections, retries=2,
+                             timeout_s=30, backoff_s=0.1)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        stop.set()
+    in_flight = parent.recv()
+    proc.join()
+    failed = sum(f.path is None for f in fetched)
     return {"latency_ms": latency_ms, "connections": connections, "images": images, "failed": failed,
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
-            "mb_per_s": round(total / seconds / 1e6, 2), "max_in_flight": server.max_active}
+            "mb_per_s": round(total / seconds / 1e6, 2), "max_in_flight": in_flight}
 
 
 def main() -> None:

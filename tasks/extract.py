@@ -99,7 +99,11 @@ def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams
         yield from DataLoader(data, batch_size=params.batch_size, shuffle=False, num_workers=workers,
                               pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4)
         return
-    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
+    # One intra-op thread per decoding thread (OpenMP's setting is per thread): a
+    # decoding thread with a team of its own would leave spinning OpenMP workers
+    # behind that slow the model's next batch.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode",
+                            initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for start in range(0, len(data), params.batch_size):
             stop = min(start + params.batch_size, len(data))
             yield torch.stack(list(pool.map(data.__getitem__, range(start, stop))))
