@@ -45,7 +45,12 @@ def _worth_retrying(task, task_run, state) -> bool:
 @task(name="fetch-file", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
       retry_condition_fn=_worth_retrying)
 def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = False) -> Path:
-    path = fetch(item.url, item.sha256, cache, progress=bar.update if bar is not None else None, fresh=fresh)
+    def grow(n: int) -> None:  # each download adds its size as it starts: bytes/s and an ETA
+        bar.total = (bar.total or 0) + n
+        bar.refresh()
+
+    path = fetch(item.url, item.sha256, cache, progress=bar.update if bar is not None else None, fresh=fresh,
+                 on_size=grow if bar is not None else None)
     get_run_logger().info("fetched %s -> %s", item.url, path)
     return path
 

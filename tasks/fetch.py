@@ -76,10 +76,12 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
              timeout_s: float = 60.0, client: httpx.Client | None = None,
              progress: Callable[[int], None] | None = None,
              sleep: Callable[[float], None] = time.sleep,
-             gate: AbstractContextManager | None = None, fresh: bool = False) -> Path:
+             gate: AbstractContextManager | None = None, fresh: bool = False,
+             on_size: Callable[[int], None] | None = None) -> Path:
     """GET `url` into `dest` (resuming, retrying, verified); returns `dest`.
 
-    Waits between attempts are not spent holding `gate`.
+    Waits between attempts are not spent holding `gate`. `progress` gets
+    each chunk's size, `on_size` once the bytes still to come (for an ETA).
 
     An existing `dest` is trusted when no sha256 is given or it matches: a
     rerun fetches nothing it already has (unless `fresh`: small files that
@@ -93,11 +95,18 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
     own = client is None
     client = client or httpx.Client(follow_redirects=True, headers={"User-Agent": USER_AGENT})
     attempt = 0
+    sized = [on_size is None]
+
+    def size_once(n: int) -> None:
+        if not sized[0]:
+            sized[0] = True
+            on_size(n)
+
     try:
         while True:
             try:
                 with gate or nullcontext():  # e.g. a per-host connection limit, held only while connected
-                    _get_once(client, url, part, timeout_s, progress)
+                    _get_once(client, url, part, timeout_s, progress, size_once)
                 break
             except (httpx.TransportError, _Retry) as exc:
                 attempt += 1
@@ -118,7 +127,7 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
 
 
 def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
-              progress: Callable[[int], None] | None) -> None:
+              progress: Callable[[int], None] | None, on_size: Callable[[int], None]) -> None:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     with client.stream("GET", url, headers=headers, timeout=timeout_s) as r:
@@ -132,6 +141,8 @@ def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
         resumed = r.status_code == 206
         length = r.headers.get("Content-Length")
         expected = (have if resumed else 0) + int(length) if length and length.isdigit() else None
+        if length and length.isdigit():
+            on_size(int(length))
         with open(part, "ab" if resumed else "wb") as fh:
             for chunk in r.iter_bytes(1 << 20):
                 fh.write(chunk)
@@ -259,11 +270,12 @@ def cache_name(url: str) -> str:
 
 
 def fetch(url: str, sha256: str | None, cache: Path, progress: Callable[[int], None] | None = None,
-          fresh: bool = False) -> Path:
+          fresh: bool = False, on_size: Callable[[int], None] | None = None) -> Path:
     """A local path for one uri: local paths as they are, http(s) downloaded, kaggle through its API."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return download(url, cache / cache_name(url), sha256, progress=progress, fresh=fresh and not sha256)
+        return download(url, cache / cache_name(url), sha256, progress=progress, fresh=fresh and not sha256,
+                        on_size=on_size)
     if parsed.scheme == "kaggle":
         return kaggle_download(url, cache)
     if parsed.scheme not in ("", "file"):

@@ -28,8 +28,11 @@ def server():
 
 def test_dropped_connection_resumes_with_a_range_request(server, tmp_path):
     server.faults["/data.tar"] = Fault(drop_after=1024 * 1024)
-    out = download(f"{server.url}/data.tar", tmp_path / "data.tar", SHA, backoff_s=0.01)
+    sizes, got = [], []
+    out = download(f"{server.url}/data.tar", tmp_path / "data.tar", SHA, backoff_s=0.01, on_size=sizes.append,
+                   progress=got.append)
     assert out.read_bytes() == BLOB
+    assert sizes == [len(BLOB)] and sum(got) == len(BLOB)  # the ETA's total, counted once
     reqs = server.requests_for("/data.tar")
     assert [r.range for r in reqs] == [None, f"bytes={1024 * 1024}-"]
     assert not (tmp_path / "data.tar.part").exists()
