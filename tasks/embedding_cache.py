@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the meaning of a cached row changes in a way the key cannot see.
 CACHE_FORMAT = 1
+# A temp chunk older than this was left by a killed process, not one still writing.
+STALE_TEMP_S = 3600.0
 
 
 def image_digest(data: bytes) -> bytes:
@@ -87,6 +89,8 @@ class EmbeddingCache:
         for path in sorted(self.dir.glob("*.arrow")):
             if not path.name.startswith("."):  # "." = a temp file of a write in progress
                 self._open(path)
+            elif time.time() - path.stat().st_mtime > STALE_TEMP_S:
+                path.unlink(missing_ok=True)  # left by a killed writer; a live one would be younger
 
     def __len__(self) -> int:
         return len(self._where)

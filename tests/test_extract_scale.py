@@ -76,6 +76,12 @@ def test_cache_returns_what_was_put_and_survives_reopening(tmp_path):
     # a foreign or broken chunk is skipped with a warning, not a crash
     (again.dir / "zz-broken.arrow").write_bytes(b"not arrow")
     assert len(EmbeddingCache(tmp_path, key, dim=4)) == 3
+    # a killed writer's temp file is removed once it is old; a young one may still be written
+    old, young = again.dir / ".x.tmp1.tmp.arrow", again.dir / ".y.tmp2.tmp.arrow"
+    old.write_bytes(b"half"), young.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    EmbeddingCache(tmp_path, key, dim=4)
+    assert not old.exists() and young.exists()
 
 
 def test_rerun_and_raised_samples_embed_only_new_images(tmp_path, tiny_backbone, monkeypatch):
