@@ -21,8 +21,8 @@ from flows._cli import main
 from tasks import download as dl
 from tasks.fetch import ChecksumMismatch, FetchError, fetch
 from tasks.layouts import LayoutError
-from tasks.params import (FashionMnistSource, Fetch, ImageFolderSource, PackagePhotosSource, SourceParams,
-                          UrlsSource)
+from tasks.params import (DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, PackagePhotosSource,
+                          SourceParams, UrlsSource)
 from tasks.photos import find_photos, photo_dirs
 from tasks.schemas import RAW_DIR
 from tasks.urls import UrlRow, fetch_urls, read_url_list
@@ -57,21 +57,13 @@ def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = F
 
 @task(name="fetch-urls", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, bar: tqdm | None = None) -> list:
-    stats = {"bytes": 0}
-
-    def on_bytes(n: int) -> None:
-        stats["bytes"] += n
-
-    def on_done(_) -> None:
-        if bar is not None:
-            bar.update(1)
-
     return fetch_urls(rows, cache, concurrency=spec.concurrency, per_host=spec.per_host, retries=spec.retries,
-                      timeout_s=spec.timeout_s, backoff_s=spec.backoff_s, on_done=on_done, on_bytes=on_bytes)
+                      timeout_s=spec.timeout_s, backoff_s=spec.backoff_s,
+                      on_done=(lambda _: bar.update(1)) if bar is not None else None)
 
 
-def _dataset(source: str, spec, root: Path) -> tuple[list[dict], int]:
-    """Fetch, place and read a dataset source; returns catalog rows and the number skipped."""
+def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
+    """Fetch, place and read a dataset source; returns its catalog rows (skips go to skipped.parquet)."""
     log = get_run_logger()
     cache = Path(spec.download_cache).resolve()
     items = spec.fetches()
@@ -83,10 +75,11 @@ def _dataset(source: str, spec, root: Path) -> tuple[list[dict], int]:
     dl.write_skips(skips, root)
     for s in skips[:20]:
         log.warning("skipped %s (%s): %s", s.path, s.label, s.reason)
-    return rows, len(skips)
+    return rows
 
 
-def _urls(source: str, spec: UrlsSource, root: Path) -> tuple[list[dict], int]:
+def _urls(source: str, spec: UrlsSource, root: Path) -> list[dict]:
+    """Fetch a URL list's images; returns catalog rows (failures go to failures.parquet)."""
     log = get_run_logger()
     cache = Path(spec.download_cache).resolve()
     listing = fetch_one(Fetch(url=spec.uri, sha256=spec.sha256), cache, fresh=True)  # lists change upstream
@@ -103,7 +96,7 @@ def _urls(source: str, spec: UrlsSource, root: Path) -> tuple[list[dict], int]:
              source, len(catalog), len(rows), seconds, len(rows) / max(seconds, 1e-9), len(failures))
     for f in failures[:20]:
         log.warning("failed %s: %s", f["url"], f["error"])
-    return catalog, len(failures)
+    return catalog
 
 
 @flow(name="download")
@@ -122,9 +115,9 @@ def download(source: str, spec: SourceParams) -> int:
         elif isinstance(spec, ImageFolderSource):
             rows = link_imagefolder(Path(spec.path), root)
         elif isinstance(spec, UrlsSource):
-            rows, _ = _urls(source, spec, root)
+            rows = _urls(source, spec, root)
         else:
-            rows, _ = _dataset(source, spec, root)
+            rows = _dataset(source, spec, root)
         if not rows:
             raise LayoutError(f"download[{source}]: no usable images found (see skipped/failures tables)")
         table = dl.write_catalog(rows, root, source)

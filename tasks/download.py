@@ -18,9 +18,10 @@ import pyarrow as pa
 from PIL import Image
 
 from tasks import fashion_mnist, layouts
-from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, parse_kaggle, safe_extract
+from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, local_path, parse_kaggle, safe_extract
 from tasks.layouts import Skip
-from tasks.params import CsvSource, FashionMnistSource, Fetch, ImageFolderSource, ParamsError, SourceParams
+from tasks.params import (CsvSource, DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, ParamsError,
+                          SourceParams, UrlsSource)
 from tasks.photos import Photo
 from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, FAILURES_NAME, FAILURES_SCHEMA, SKIPPED_NAME,
                            SKIPPED_SCHEMA, write_table)
@@ -35,26 +36,27 @@ def check_source(name: str, spec: SourceParams) -> None:
     if isinstance(spec, ImageFolderSource) and not Path(spec.path).is_dir():
         raise ParamsError(f"sources.{name}.path = '{spec.path}': no such folder; give a folder with one sub-folder per class")
     if isinstance(spec, FashionMnistSource):
-        parsed = urlparse(spec.uri)
-        if parsed.scheme not in ("", "file", "http", "https"):
+        if urlparse(spec.uri).scheme not in ("", "file", "http", "https"):
             raise ParamsError(f"sources.{name}.uri = '{spec.uri}': allowed schemes are file://, http://, https://")
-        local = Path(parsed.path if parsed.scheme else spec.uri)
-        if parsed.scheme in ("", "file") and not local.is_dir():
+        local = local_path(spec.uri)
+        if local is not None and not local.is_dir():
             raise ParamsError(f"sources.{name}.uri = '{spec.uri}': no such folder ({fashion_mnist.DEBIAN_HINT})")
-    items = spec.fetches() if hasattr(spec, "fetches") else [Fetch(url=spec.uri)] if hasattr(spec, "uri") else []
-    for item in items:
-        parsed = urlparse(item.url)
-        if parsed.scheme not in ("", "file", "http", "https", "kaggle"):
-            raise ParamsError(f"sources.{name}.uri = '{item.url}': allowed are a path, file://, http(s):// and kaggle://")
-        if parsed.scheme in ("", "file") and not Path(unquote(parsed.path) if parsed.scheme else item.url).exists():
-            raise ParamsError(f"sources.{name}.uri = '{item.url}': no such file or folder")
-        if parsed.scheme == "kaggle":
+    if not isinstance(spec, (DatasetSource, UrlsSource)):
+        return
+    for url in [f.url for f in spec.fetches()] if isinstance(spec, DatasetSource) else [spec.uri]:
+        try:
+            local = local_path(url)
+        except ValueError as exc:
+            raise ParamsError(f"sources.{name}.uri = {exc}") from None
+        if local is not None and not local.exists():
+            raise ParamsError(f"sources.{name}.uri = '{url}': no such file or folder")
+        if urlparse(url).scheme == "kaggle":
             try:
-                parse_kaggle(item.url)
+                parse_kaggle(url)
             except ValueError as exc:
                 raise ParamsError(f"sources.{name}.uri = {exc}") from None
             if not kaggle_credentials():
-                raise ParamsError(f"sources.{name}.uri = '{item.url}': no Kaggle credentials found. {KAGGLE_HELP}")
+                raise ParamsError(f"sources.{name}.uri = '{url}': no Kaggle credentials found. {KAGGLE_HELP}")
 
 
 @contextmanager
@@ -157,23 +159,12 @@ def place_fetched(path: Path, fetch: Fetch, stage: Path) -> Path | None:
 
 def read_layout(kind: str, spec: SourceParams, bases: list[Path]) -> tuple[Path, list[Row], list[Skip]]:
     """Find the dataset root among `bases` and read its catalog rows (paths relative to the root)."""
-    if isinstance(spec, CsvSource):
-        is_root = lambda d: (d / spec.table).is_file()  # noqa: E731
-        expected = f"the table {spec.table!r}"
-    else:
-        is_root, expected = layouts.MARKERS[kind], layouts.EXPECTED[kind]
-    root = layouts.find_root(bases, is_root)
+    layout = (layouts.table_layout(spec.table, spec.path_column, spec.label_column) if isinstance(spec, CsvSource)
+              else layouts.LAYOUTS[kind])
+    root = layouts.find_root(bases, layout.is_root)
     if root is None:
-        raise layouts.LayoutError(f"{kind}: found no folder with {expected} in {[str(b) for b in bases]}")
-    if isinstance(spec, CsvSource):
-        rows, skips = layouts.read_table_source(root, spec.table, spec.path_column, spec.label_column)
-    else:
-        rows, skips = READERS[kind](root)
-    return root, rows, skips
-
-
-READERS = {"imagenet": layouts.read_imagenet, "products10k": layouts.read_products10k,
-           "landmarks": layouts.read_landmarks, "rp2k": layouts.read_rp2k}
+        raise layouts.LayoutError(f"{kind}: found no folder with {layout.expected} in {[str(b) for b in bases]}")
+    return (root, *layout.read(root))
 
 
 def adopt_rows(root: Path, rows: list[Row], skips: list[Skip], stage: Path) -> tuple[list[Row], list[Skip]]:

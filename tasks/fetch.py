@@ -269,21 +269,27 @@ def cache_name(url: str) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
 
 
+def local_path(url: str) -> Path | None:
+    """The file or folder a path or file:// uri names; None for http(s):// and kaggle://."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "kaggle"):
+        return None
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"{url!r}: allowed are a path, file://, http(s):// and kaggle://")
+    return Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+
+
 def fetch(url: str, sha256: str | None, cache: Path, progress: Callable[[int], None] | None = None,
           fresh: bool = False, on_size: Callable[[int], None] | None = None) -> Path:
     """A local path for one uri: local paths as they are, http(s) downloaded, kaggle through its API."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("http", "https"):
+    path = local_path(url)
+    if path is None:
+        if urlparse(url).scheme == "kaggle":
+            return kaggle_download(url, cache)
         return download(url, cache / cache_name(url), sha256, progress=progress, fresh=fresh and not sha256,
                         on_size=on_size)
-    if parsed.scheme == "kaggle":
-        return kaggle_download(url, cache)
-    if parsed.scheme not in ("", "file"):
-        raise ValueError(f"{url!r}: allowed are a path, file://, http(s):// and kaggle://")
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
     if not path.exists():
         raise FileNotFoundError(f"{url}: no such file or folder")
-    if sha256 and path.is_file() and sha256_file(path) != sha256.lower():
-        raise ChecksumMismatch(f"{url}: sha256 is {sha256_file(path)}, params expect {sha256.lower()}")
+    if sha256 and path.is_file() and (got := sha256_file(path)) != sha256.lower():
+        raise ChecksumMismatch(f"{url}: sha256 is {got}, params expect {sha256.lower()}")
     return path
-

@@ -127,7 +127,6 @@ def read_table_source(root: Path, table: str, path_column: str, label_column: st
     return rows, skips + missing
 
 
-# kind -> (does this folder hold the dataset?, reader)
 def _has_table_with(columns: list[str]) -> Callable[[Path], bool]:
     def check(folder: Path) -> bool:
         path = folder / "train.csv"
@@ -139,19 +138,34 @@ def _has_table_with(columns: list[str]) -> Callable[[Path], bool]:
     return check
 
 
-MARKERS: dict[str, Callable[[Path], bool]] = {
-    "imagenet": lambda d: (d / "LOC_synset_mapping.txt").is_file() and (d / "ILSVRC").is_dir(),
-    "products10k": _has_table_with(["name", "class", "group"]),
-    "landmarks": _has_table_with(["id", "landmark_id"]),
-    "rp2k": lambda d: (d / "train").is_dir() and not (d / "train.csv").exists(),
+Reader = Callable[[Path], tuple[list[Row], list[Skip]]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to recognise a dataset's root folder, what to say when none is found, and how to read it."""
+
+    is_root: Callable[[Path], bool]
+    expected: str
+    read: Reader
+
+
+LAYOUTS: dict[str, Layout] = {
+    "imagenet": Layout(lambda d: (d / "LOC_synset_mapping.txt").is_file() and (d / "ILSVRC").is_dir(),
+                       "LOC_synset_mapping.txt and ILSVRC/Data/CLS-LOC/train/<wnid>/", read_imagenet),
+    "products10k": Layout(_has_table_with(["name", "class", "group"]),
+                          "train.csv with columns name,class,group and a train/ folder", read_products10k),
+    "landmarks": Layout(_has_table_with(["id", "landmark_id"]),
+                        "train.csv with columns id,landmark_id and train/<a>/<b>/<c>/<id>.jpg", read_landmarks),
+    "rp2k": Layout(lambda d: (d / "train").is_dir() and not (d / "train.csv").exists(),
+                   "a train/ folder with one sub-folder per product", read_rp2k),
 }
 
-EXPECTED = {
-    "imagenet": "LOC_synset_mapping.txt and ILSVRC/Data/CLS-LOC/train/<wnid>/",
-    "products10k": "train.csv with columns name,class,group and a train/ folder",
-    "landmarks": "train.csv with columns id,landmark_id and train/<a>/<b>/<c>/<id>.jpg",
-    "rp2k": "a train/ folder with one sub-folder per product",
-}
+
+def table_layout(table: str, path_column: str, label_column: str) -> Layout:
+    """The `csv` kind's layout: the folder holding `table`."""
+    return Layout(lambda d: (d / table).is_file(), f"the table {table!r}",
+                  lambda root: read_table_source(root, table, path_column, label_column))
 
 
 def find_root(bases: list[Path], is_root: Callable[[Path], bool], max_depth: int = 3) -> Path | None:

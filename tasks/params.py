@@ -111,7 +111,7 @@ class Fetch(_Section):
         return self
 
 
-class _DatasetSource(_Section):
+class DatasetSource(_Section):
     """A dataset in its published layout, fetched from `uri`.
 
     `uri` is a folder, a file or archive (tar, tar.gz, zip; local, file:// or
@@ -127,7 +127,7 @@ class _DatasetSource(_Section):
     download_cache: str = ".cache/downloads"
 
     @model_validator(mode="after")
-    def _sha_only_for_one_file(self) -> "_DatasetSource":
+    def _sha_only_for_one_file(self) -> "DatasetSource":
         if self.sha256 and not isinstance(self.uri, str):
             raise ValueError("sha256 is for a single uri; for a list give each entry as {url: ..., sha256: ...}")
         return self
@@ -140,31 +140,31 @@ class _DatasetSource(_Section):
         return out
 
 
-class ImageNetSource(_DatasetSource):
+class ImageNetSource(DatasetSource):
     """Kaggle's ImageNet Object Localization Challenge: ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG."""
 
     kind: Literal["imagenet"]
 
 
-class Products10kSource(_DatasetSource):
+class Products10kSource(DatasetSource):
     """Products-10K: train.csv (name, class, group) and the train/ image folder."""
 
     kind: Literal["products10k"]
 
 
-class LandmarksSource(_DatasetSource):
+class LandmarksSource(DatasetSource):
     """Google Landmarks v2 / GLR2021: train.csv (id, landmark_id), train/<a>/<b>/<c>/<id>.jpg."""
 
     kind: Literal["landmarks"]
 
 
-class Rp2kSource(_DatasetSource):
+class Rp2kSource(DatasetSource):
     """RP2K retail products: train/<class name>/*.jpg, class names in Chinese (UTF-8)."""
 
     kind: Literal["rp2k"]
 
 
-class CsvSource(_DatasetSource):
+class CsvSource(DatasetSource):
     """Anyone's own data as a table: `table` (CSV or Parquet, inside the dataset) lists path and label."""
 
     kind: Literal["csv"]

@@ -99,15 +99,14 @@ class _Gate:
 
 def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: int, retries: int,
                timeout_s: float, backoff_s: float, on_done: Callable[[Fetched], None] | None = None,
-               on_bytes: Callable[[int], None] | None = None) -> list[Fetched]:
+               ) -> list[Fetched]:
     """Fetch every row (already-cached ones return at once); results keep the rows' order."""
     limits = Limits.shared(concurrency, per_host)
 
     def one(row: UrlRow) -> Fetched:
         try:
             path = download(row.url, cached_path(cache, row.url), retries=retries, backoff_s=backoff_s,
-                            timeout_s=timeout_s, client=limits.client, progress=on_bytes,
-                            gate=limits.gate(row.url))
+                            timeout_s=timeout_s, client=limits.client, gate=limits.gate(row.url))
             result = Fetched(row.url, row.label, path)
         except (FetchError, httpx.HTTPError, OSError, ValueError) as exc:
             result = Fetched(row.url, row.label, None, str(exc).removeprefix(f"{row.url}: ") or type(exc).__name__)
