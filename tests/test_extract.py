@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import jpeg_bytes
 from tasks.preprocess import decode_rgb
-from tasks.extract import Embedder, embed_shard, resolve_device
+from tasks.extract import Embedder, embed_shard, feature_metadata, resolve_device
 from tasks.shard import read_shard
 from tasks.models import load_backbone
 from tasks.params import ExtractParams, ShardParams
@@ -35,18 +35,13 @@ def shard_file(tmp_path):
     return tmp_path / "shards" / plan.relpath
 
 
-def metadata(info: dict) -> dict:
-    return {"model_name": info["model_name"], "pretrained": info["pretrained"],
-            "checkpoint_sha256": info["checkpoint_sha256"], "image_size": str(info["image_size"]), "dim": str(info["dim"])}
-
-
 def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_path, shard_file, tiny_backbone):
     import duckdb
 
     model, preprocess, info = load_backbone(tiny_backbone)
     out = tmp_path / "f.arrow"
     embed_shard(shard_file, out, Embedder(model, resolve_device("cpu"), "fp32"), preprocess,
-                ExtractParams(batch_size=4, num_workers=0), metadata(info))
+                ExtractParams(batch_size=4, num_workers=0), feature_metadata("tiny", info))
     table = pa.ipc.open_file(pa.memory_map(str(out))).read_all()  # pyarrow
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert {k: meta[k] for k in ("model_name", "pretrained", "image_size", "dim")} == {
@@ -71,7 +66,7 @@ def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, wo
     out = tmp_path / "feat" / "train-000000.arrow"
     seen = []
     stats = embed_shard(shard_file, out, embedder, preprocess, ExtractParams(batch_size=4, num_workers=workers),
-                        metadata(info), seen.append)
+                        feature_metadata("tiny", info), seen.append)
     assert stats["images"] == 11 and sum(seen) == 11
 
     table, meta = read_features(out)
