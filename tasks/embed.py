@@ -13,7 +13,7 @@ import torch
 from tasks.export import embed_images
 from tasks.images import IMAGE_SUFFIXES, BadImage, normalize_image
 from tasks.preprocess import decode_rgb
-from tasks.schemas import atomic_path, index_schema
+from tasks.schemas import atomic_path, embedding_array, embeddings_of, index_schema
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -48,8 +48,7 @@ def embed_folder(model: torch.nn.Module, folder: Path, batch: int = 64) -> tuple
 
 def write_index(out: Path, paths: list[str], embeddings: np.ndarray) -> None:
     dim = embeddings.shape[1]
-    table = pa.table({"path": pa.array(paths, pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)},
+    table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding_array(embeddings)},
                      schema=index_schema(dim))
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
@@ -58,8 +57,7 @@ def write_index(out: Path, paths: list[str], embeddings: np.ndarray) -> None:
 def search(model: torch.nn.Module, index_file: Path, image: Path, k: int = 5) -> list[tuple[str, float]]:
     """Top-k (path, Euclidean distance) of the index for one query image."""
     table = pq.read_table(index_file)
-    col = table.column("embedding").combine_chunks()
-    emb = col.flatten().to_numpy().astype(np.float32).reshape(-1, col.type.list_size)
+    emb = embeddings_of(table)
     index = faiss.IndexFlatL2(emb.shape[1])
     index.add(emb)
     query = embed_images(model, [load_image(image)])

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 import tasks.preprocess
-from tasks.schemas import atomic_path, write_json
+from tasks.schemas import embedding_array, embeddings_of, write_ipc, write_json
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,8 @@ class EmbeddingCache:
                     by_table.setdefault(loc[0], []).append((i, loc[1]))
             tables = list(self._tables)
         for slot, pairs in by_table.items():
-            rows = np.array([r for _, r in pairs])
-            col = tables[slot].column("embedding").take(pa.array(rows)).combine_chunks()
             idx = np.array([i for i, _ in pairs])
-            out[idx] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+            out[idx] = embeddings_of(tables[slot].take(pa.array([r for _, r in pairs])))
             hit[idx] = True
         return hit, out
 
@@ -130,14 +128,11 @@ class EmbeddingCache:
         """Add rows as one new chunk file (atomic: a kill leaves no half chunk)."""
         if not len(digests):
             return
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(digests), self.dim)
         table = pa.Table.from_arrays(
             [pa.array(list(digests), type=pa.binary(32)),
-             pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim)],
+             embedding_array(np.asarray(embeddings, dtype=np.float32).reshape(len(digests), self.dim))],
             schema=self._schema)
         target = self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.arrow"
-        with atomic_path(target) as tmp:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self._schema) as writer:
-                writer.write_table(table)
+        write_ipc(target, table)
         with self._lock:
             self._open(target)

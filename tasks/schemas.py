@@ -165,26 +165,36 @@ def read_table(path: Path | str, schema: pa.Schema) -> pa.Table:
 # --------------------------------------------------------------------- features
 
 
+def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) floats as Arrow `fixed_size_list<float32>[D]`, the one embedding column type on disk."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()),
+                                             embeddings.shape[1])
+
+
+def write_ipc(target: Path | str, table: pa.Table) -> None:
+    """Write a table as an uncompressed (memory-mappable) Arrow IPC file, atomically."""
+    with atomic_path(target) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
 def write_features(
     target: Path | str, keys: list[str], class_ids: np.ndarray, embeddings: np.ndarray, metadata: dict[str, str]
 ) -> None:
     """Write one shard's embeddings as an uncompressed Arrow IPC file (memory-mappable)."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = embeddings.shape if embeddings.ndim == 2 else (0, int(metadata["dim"]))
-    schema = feature_schema(dim, metadata)
-    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
+    dim = int(metadata["dim"])
+    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(-1, dim)
     table = pa.Table.from_arrays(
         [
             pa.array(keys, type=pa.string()),
             pa.array(np.asarray(class_ids, dtype=np.int32), type=pa.int32()),
-            pa.FixedSizeListArray.from_arrays(flat, dim),
+            embedding_array(embeddings),
         ],
-        schema=schema,
+        schema=feature_schema(dim, metadata),
     )
-    assert table.num_rows == n == len(keys)
-    with atomic_path(target) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table)
+    assert table.num_rows == len(embeddings) == len(keys)
+    write_ipc(target, table)
 
 
 def read_features(path: Path | str) -> tuple[pa.Table, dict[str, str]]:

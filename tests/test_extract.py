@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 
 from conftest import jpeg_bytes
 from tasks.preprocess import decode_rgb

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import webdataset as wds
 from PIL import Image
 
