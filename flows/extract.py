@@ -9,7 +9,6 @@ another machine needs the project folder (or the same paths) on shared storage.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from tqdm import tqdm
 from flows._cli import main
 from tasks.extract import embed_shard, get_worker
 from tasks.params import ExtractParams, Params
-from tasks.schemas import FEATURES_DIR, MODELS_DIR, SHARD_INDEX, SHARDS_DIR
+from tasks.schemas import FEATURES_DIR, MODELS_DIR, SHARDS_DIR
+from tasks.shard import read_index
 
 
 # DVC is the result cache of the stage and the embedding cache serves
@@ -50,7 +50,7 @@ def task_runner(params: ExtractParams):
 def extract(variant: str, params: ExtractParams) -> dict:
     """Map shards over the task runner; a progress bar counts images as shards finish."""
     log = get_run_logger()
-    index = json.loads((SHARDS_DIR / SHARD_INDEX).read_text())
+    index = read_index(SHARDS_DIR)
     if params.cache_dir:  # workers may run elsewhere: hand them absolute paths
         params = params.model_copy(update={"cache_dir": str(Path(params.cache_dir).resolve())})
     entries = index["shardlist"]

@@ -104,8 +104,12 @@ def read_shard(url: str | Path) -> list[Sample]:
     return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg) for key, cls, jpg in stream]
 
 
+def read_index(shards_dir: Path) -> dict:
+    """The shard stage's index.json (wids shape: `shardlist` of url, nsamples, name, split, sha256)."""
+    return json.loads((shards_dir / SHARD_INDEX).read_text())
+
+
 def read_split(shards_dir: Path, split: str) -> Iterator[Sample]:
     """Every sample of one split, shard after shard, in the order index.json lists them."""
-    index = json.loads((shards_dir / SHARD_INDEX).read_text())
-    for entry in shards_of_split(index, split):
+    for entry in shards_of_split(read_index(shards_dir), split):
         yield from read_shard(shards_dir / entry["url"])
