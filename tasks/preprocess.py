@@ -1,9 +1,13 @@
 """Image preprocessing as a torch module on uint8 tensors, built from open_clip's PreprocessCfg.
 
-open_clip's own transform works on PIL images, which an exported model
-cannot hold. This module does the same steps (resize the shortest side,
-centre-crop, scale, normalise) on tensors, so extraction and the exported
-embedder run literally the same code and agree to float precision.
+open_clip's own inference transform works on PIL images, which an exported
+model cannot hold: resize (the shortest side to `size`, or both sides to
+`size` for `squash`) with PIL's antialiased bicubic or bilinear filter, then
+a centre crop of `size` x `size`, then ToTensor and Normalize. This module
+takes the same steps in the same order on uint8 tensors, with the same
+output sizes and crop offsets as torchvision computes them, so extraction
+and the exported embedder see what open_clip sees (to one grey level, see
+`Preprocess`).
 """
 
 from __future__ import annotations
@@ -18,89 +22,143 @@ from PIL import Image
 from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
-_MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
+INTERPOLATIONS = ("bicubic", "bilinear")
+# open_clip's third mode, "longest" (fit inside, then pad), is used by no pretrained tag.
+RESIZE_MODES = ("shortest", "squash")
 
 
 class Preprocess(nn.Module):
-    """uint8 RGB images (N, 3, H, W) -> normalised float (N, 3, size, size)."""
+    """uint8 RGB images (N, 3, H, W) -> normalised float (N, 3, size, size), as open_clip's transform.
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",
-                 resize_mode: str = "shortest"):
+    Eager calls (extraction) resize with torch's uint8 antialiased kernels,
+    a port of PIL's. torch.export cannot trace those with a dynamic image
+    size, so the exported program resizes with dense matrices holding the
+    same quantised weights, in the same order (horizontal pass, rounding to
+    uint8, vertical pass, rounding): the same integers as extraction.
+    Against PIL itself both differ by one or two grey levels on a few pixels
+    in a thousand (PIL keeps 22 fraction bits in its weights, torch ~14), and
+    in `squash` mode by up to ~7 levels at sharp edges where Pillow runs its
+    vertical pass first (README: parity with open_clip).
+    """
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bicubic", resize_mode: str = "shortest"):
         super().__init__()
-        if interpolation not in _MODES:
-            raise ValueError(f"interpolation {interpolation!r}: allowed are {sorted(_MODES)}")
-        if resize_mode not in ("shortest", "squash"):
-            raise ValueError(f"resize_mode {resize_mode!r}: allowed are 'shortest' and 'squash'")
-        # Bicubic (Keys, a = -0.5) for both: bilinear configs are rare and the difference is small.
-        self.size, self.resize_mode = int(size), resize_mode
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r}: allowed are {list(INTERPOLATIONS)}")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {resize_mode!r}: allowed are {list(RESIZE_MODES)}")
+        self.size, self.interpolation, self.resize_mode = int(size), interpolation, resize_mode
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> "Preprocess":
-        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-        return cls(size, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+        """From open_clip's preprocess_cfg (a model's `visual.preprocess_cfg`)."""
+        size = cfg["size"]
+        if not isinstance(size, int):
+            if len(set(size)) != 1:
+                raise ValueError(f"preprocess size {size}: only square inputs are supported")
+            size = size[0]
+        if cfg.get("mode", "RGB") != "RGB":
+            raise ValueError(f"preprocess mode {cfg['mode']!r}: only RGB is supported")
+        return cls(size, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
+                   cfg.get("resize_mode", "shortest"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Preprocess takes uint8 images, got {images.dtype}")
         if torch.compiler.is_exporting():
-            x = self.resize_exportable(images.float() / 255.0)
+            x = self.resize_exportable(images)
         else:
-            x = self.resize_fast(images)
-        # PIL clamps bicubic overshoot when it writes uint8; do the same.
-        return (x.clamp(0.0, 1.0) - self.mean) / self.std
+            x = self.resize_fast(images).float()
+        return (x / 255.0 - self.mean) / self.std
 
-    def resize_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float -> [0, 1] float: torch's antialiased bicubic on the crop: the same kernel and weights
-        as `resize_exportable` (equal to ~1e-5), several times faster on large
-        images because it skips the zero weights; used in eager mode (extraction)."""
-        h, w = x.shape[-2], x.shape[-1]
-        if self.resize_mode == "shortest":
-            short = min(h, w)
-            top, left = (h - short) // 2, (w - short) // 2
-            x = x[..., top:top + short, left:left + short]  # crop first: fewer pixels to convert
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        return F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+    def resize_fast(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> uint8 (N, 3, size, size): resize, then centre-crop, with torch's PIL-like kernels."""
+        h, w = int(images.shape[-2]), int(images.shape[-1])
+        (new_h, top), (new_w, left) = _geometry(h, w, self.size, self.resize_mode)
+        x = images
+        if (new_h, new_w) != (h, w):  # torchvision leaves an image of the target size untouched
+            x = F.interpolate(images, size=(new_h, new_w), mode=self.interpolation, antialias=True,
+                              align_corners=False)
+        return x[..., top:top + self.size, left:left + self.size]
 
-    def resize_exportable(self, x: torch.Tensor) -> torch.Tensor:
-        """The resize as two dense matrix products, for torch.export (dynamic H, W)."""
-        h, w = x.shape[-2], x.shape[-1]
-        if self.resize_mode == "squash":
-            rows, cols = resample_matrix(h, 0, h, self.size), resample_matrix(w, 0, w, self.size)
-        else:
-            # The centre square of side min(H, W), resampled to size x size: the
-            # view "resize the shortest side, centre-crop" gives.
-            short = torch.sym_min(h, w)
-            rows = resample_matrix(h, (h - short) // 2, short, self.size)
-            cols = resample_matrix(w, (w - short) // 2, short, self.size)
-        return torch.einsum("oh,nchw,pw->ncop", rows, x, cols)
+    def resize_exportable(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float holding integers 0-255: the same resize and crop as dense matrix
+        products, which torch.export traces for any H and W (no branch on the size)."""
+        h, w = images.shape[-2], images.shape[-1]
+        (new_h, top), (new_w, left) = _geometry(h, w, self.size, self.resize_mode)
+        rows = resample_matrix(h, new_h, top, self.size, self.interpolation)
+        cols = resample_matrix(w, new_w, left, self.size, self.interpolation)
+        x = torch.einsum("nchw,pw->nchp", images.float(), cols)
+        x = torch.floor(x + 0.5).clamp(0.0, 255.0)  # PIL rounds each pass to uint8, half up
+        x = torch.einsum("oh,nchp->ncop", rows, x)
+        return torch.floor(x + 0.5).clamp(0.0, 255.0)
 
 
-def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    """Keys' cubic convolution kernel (a = -0.5, as PIL's bicubic)."""
-    d = d.abs()
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+def _geometry(h, w, size: int, resize_mode: str):
+    """((resized H, crop top), (resized W, crop left)) as torchvision computes them.
 
-
-def resample_matrix(n_in, start, length, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) weights that resample pixels [start, start + length) to n_out, antialiased.
-
-    The resize is written as two small matrix products instead of
-    `F.interpolate` + slicing: no branch depends on the image size, so one
-    exported program serves every H and W, and downscaling widens the kernel
-    (antialiasing) the way PIL does.
+    `shortest`: the short side becomes `size`, the long one
+    int(size * long / short); `squash`: both become `size`. The crop offset is
+    Python's round((resized - size) / 2), which rounds halves to even. Written
+    with integer arithmetic only, so it works on torch.export's symbolic sizes.
     """
-    out_pos = torch.arange(n_out, dtype=torch.float32)
-    in_pos = torch.arange(n_in, dtype=torch.float32) + 0.5
-    scale = out_pos.new_ones(()) * length / n_out  # source pixels per output pixel
-    support = torch.clamp(scale, min=1.0)
-    centres = start + (out_pos + 0.5) * scale
-    weights = _cubic((in_pos[None, :] - centres[:, None]) / support)
-    inside = (in_pos >= start) & (in_pos < start + length)
-    weights = weights * inside[None, :]
+    if resize_mode == "squash":
+        return (size, 0), (size, 0)
+    short = torch.sym_min(h, w)
+    new_h, new_w = (size * h) // short, (size * w) // short
+    return (new_h, _half_to_even(new_h - size)), (new_w, _half_to_even(new_w - size))
+
+
+def _half_to_even(d):
+    """round(d / 2) for an integer d >= 0, halves to even, as Python's round()."""
+    half = d // 2
+    return half + (d % 2) * (half % 2)
+
+
+def _kernel(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PIL's filters: Keys' cubic (a = -0.5, support 2) and the triangle (support 1)."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return torch.clamp(1.0 - x, min=0.0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _weights(n_in, n_resized, positions: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PIL's normalised weights of the resized pixels at `positions` over the `n_in` input pixels.
+
+    Output pixel r of the resized line is centred at (r + 0.5) * scale in the
+    input; when shrinking, the kernel widens by the scale (antialiasing);
+    weights are normalised over the pixels inside the image. float64, as
+    torch computes them: in float32 their rounding to int16 flips now and then.
+    """
+    in_pos = torch.arange(n_in, dtype=torch.float64) + 0.5
+    scale = in_pos.new_ones(()) * n_in / n_resized  # input pixels per resized pixel
+    centres = (positions.double() + 0.5) * scale
+    weights = _kernel((in_pos[None, :] - centres[:, None]) / torch.clamp(scale, min=1.0), interpolation)
     return weights / weights.sum(dim=1, keepdim=True)
+
+
+def resample_matrix(n_in, n_resized, offset, n_out: int, interpolation: str = "bicubic"):
+    """(n_out, n_in) weights: pixels [offset, offset + n_out) of `n_in` pixels resized to `n_resized`.
+
+    The weights are quantised as torch's uint8 resize (extraction) quantises
+    them: int16 with as many fraction bits as the largest weight of the whole
+    resized line allows (at most 22), so with each pass rounded half up the
+    exported program computes the very same integers.
+    """
+    window = _weights(n_in, n_resized, torch.arange(n_out) + offset, interpolation)
+    largest = _weights(n_in, n_resized, torch.arange(n_resized), interpolation).max()
+    bits = torch.clamp(torch.ceil(torch.log2(32767.5 / largest)) - 1, 0, 22)
+    unit = torch.pow(2.0, bits)
+    return (torch.trunc(window * unit + torch.sign(window) * 0.5) / unit).float()  # exact in float32
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -113,7 +171,8 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     """
     if data[:3] == b"\xff\xd8\xff":
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
         except RuntimeError:
             pass
     with Image.open(io.BytesIO(data)) as im:
