@@ -4,7 +4,7 @@ DVC reruns `extract@<variant>` whenever its shards change, and deletes the
 stage's old outputs first. Without this cache, raising `sample.samples` from
 55 to 60 would embed all 60 images per class again, and a run killed after
 nine hours would start from zero. With it, an image is embedded once per
-(image bytes, checkpoint, preprocessing, numerics): the stage's outputs are
+(image bytes, checkpoint, model config, code, libraries, numerics): the stage's outputs are
 still rebuilt in full, so `dvc.lock` stays truthful, but from cached rows.
 
 Layout: `<root>/<namespace>/<chunk>.arrow`, where the namespace hashes
@@ -16,9 +16,14 @@ can fill one cache at once without locking.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
+import importlib.metadata
+import inspect
 import json
 import logging
+import textwrap
 import threading
 import time
 import uuid
@@ -28,8 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-import tasks.preprocess
-from tasks.schemas import embedding_array, embeddings_of, write_ipc, write_json
+from tasks.schemas import embedding_array, embeddings_of, sha256_file, write_ipc, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +48,60 @@ def image_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def cache_key(checkpoint_sha256: str, preprocess_cfg: dict[str, Any], device_type: str, precision: str) -> dict[str, Any]:
+# What decides an embedding besides the weights and configs: the code that decodes, preprocesses,
+# loads and runs the model. Their meaning is fingerprinted, not their bytes (see code_fingerprint).
+EMBEDDING_CODE = ("tasks.preprocess", "tasks.extract:_Decoded", "tasks.extract:Embedder",
+                  "tasks.models:load_backbone")
+# Libraries whose numerics or defaults can change an embedding between releases.
+LIBRARIES = ("torch", "torchvision", "open_clip_torch", "timm", "pillow")
+
+
+def code_fingerprint(source: str) -> str:
+    """sha256 of the code's syntax tree without docstrings: a comment, a docstring or a
+    reformatted line keeps it; any change to what the code does gives another."""
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def embedding_code_version(names: Sequence[str] | None = None) -> str:
+    """One fingerprint over the modules and objects that turn image bytes into an embedding
+    (`module` or `module:object` names; EMBEDDING_CODE by default)."""
+    parts = []
+    for name in EMBEDDING_CODE if names is None else names:
+        module_name, _, attr = name.partition(":")
+        obj = importlib.import_module(module_name)
+        if attr:
+            obj = getattr(obj, attr)
+        parts.append(f"{name}={code_fingerprint(inspect.getsource(obj))}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The installed releases of LIBRARIES."""
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
+
+
+def cache_key(model_dir: Path | str, device_type: str, precision: str) -> dict[str, Any]:
     """Everything besides the image that decides its embedding.
 
-    The preprocessing is keyed by its config and by the code that applies it;
-    the numerics (CPU fp32 vs CUDA fp16/bf16 autocast) give different
-    embeddings too, so they are part of the key.
+    The checkpoint's bytes, the variant's full open_clip config (architecture,
+    activation, preprocessing), the meaning of the embedding code, the library
+    versions, and the numerics (CPU fp32 vs CUDA fp16/bf16 autocast).
     """
-    code = Path(tasks.preprocess.__file__).read_bytes()
+    model_dir = Path(model_dir)
     numerics = "cpu-fp32" if device_type != "cuda" else f"cuda-{precision}"
     return {
         "format": CACHE_FORMAT,
-        "checkpoint_sha256": checkpoint_sha256,
-        "preprocess_cfg": json.loads(json.dumps(preprocess_cfg, sort_keys=True, default=list)),
-        "preprocess_code_sha256": hashlib.sha256(code).hexdigest(),
+        "checkpoint_sha256": sha256_file(model_dir / "open_clip_model.safetensors"),
+        "open_clip_config": json.loads((model_dir / "open_clip_config.json").read_text()),
+        "code": embedding_code_version(),
+        "libraries": library_versions(),
         "numerics": numerics,
     }
 

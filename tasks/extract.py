@@ -146,7 +146,7 @@ def get_worker(model_dir: str, params: ExtractParams) -> Worker:
             model, preprocess, info = load_backbone(model_dir, device="cpu")
             cache = None
             if params.cache_dir:
-                ck = cache_key(info["checkpoint_sha256"], dict(model.visual.preprocess_cfg), device.type, params.precision)
+                ck = cache_key(model_dir, device.type, params.precision)
                 cache = EmbeddingCache(params.cache_dir, ck, int(info["dim"]))
             _workers[key] = Worker(Embedder(model, device, params.precision), preprocess,
                                    feature_metadata(Path(model_dir).name, info), cache)
