@@ -10,26 +10,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
-from tasks.evaluate import fit_pca, metrics_markdown, metrics_rows, score_line
+from tasks.evaluate import fit_pca, metrics_markdown, metrics_rows, score_line, write_curves
 from tasks.shard import read_split
 from tasks.features import load_concat, load_variant_split
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
 from tasks.params import EvaluateParams
-from tasks.schemas import (EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, SHARDS_DIR, atomic_path,
-                           read_table, write_bytes, write_json)
+from tasks.schemas import (EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, SHARDS_DIR, read_table, write_bytes,
+                           write_json)
 from tasks.train import embed_with_head, load_head
 
 GALLERY_QUERIES = 12
-
-
-def write_curves(results: dict[str, dict]) -> None:
-    """P@k and recall@k, one column per model line, for `dvc plots`."""
-    depth = min(len(r["precision"]) for r in results.values())  # < CURVE_K only for a tiny index
-    for name in ("precision", "recall"):
-        frame = pl.DataFrame({"k": list(range(1, depth + 1)),
-                              **{line: [round(float(v), 4) for v in r[name][:depth]] for line, r in results.items()}})
-        with atomic_path(EVAL_DIR / f"{name}_at_k.csv") as tmp:
-            frame.write_csv(tmp)
 
 
 @flow(name="evaluate")
@@ -57,7 +47,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     metrics = {"queries": len(query.keys), "index": len(index.keys), "k": k, "lines": lines,
                "best_zero_shot": best_zero, "head_minus_best_zero_shot": round(lines["head"][f"mP@{k}"] - best_zero, 4)}
     write_json(EVAL_DIR / "metrics.json", metrics)
-    write_curves(results)
+    write_curves(results, EVAL_DIR)
     table = metrics_markdown(metrics, k)
     write_bytes(EVAL_DIR / "metrics.md", table.encode("utf-8"))
 

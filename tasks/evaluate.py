@@ -8,13 +8,16 @@ source of the query.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import faiss
 import numpy as np
+import polars as pl
 
 from tasks.features import SplitFeatures, l2_normalize
 from tasks.metrics import mean_precision_at_k, precision_recall_curves
+from tasks.schemas import atomic_path
 
 Embed = Callable[[np.ndarray], np.ndarray]
 CURVE_K = 10  # P@k and recall@k are reported for k = 1..10
@@ -41,6 +44,24 @@ def score_line(embed: Embed, query: SplitFeatures, index: SplitFeatures, query_s
         result[source] = round(float(np.nanmean(per_query[sources == source])), 4)
     precision, recall = precision_recall_curves(ids, query.class_ids, index.class_ids, CURVE_K)
     return {"scores": result, "per_query": per_query, "neighbours": ids, "precision": precision, "recall": recall}
+
+
+def write_curves(results: dict[str, dict], out_dir: Path) -> None:
+    """P@k and recall@k for `dvc plots`, in long format: `precision_at_k.csv` has columns
+    `model,k,precision` and `recall_at_k.csv` `model,k,recall`, one row per model line and k.
+
+    One column per line would name the columns after the variants, so dvc.yaml's
+    plot definitions would break with every preset; in long format they name only
+    `k` and the metric, and the template `.dvc/plots/lines_by_model.json` draws one
+    line per value of `model`.
+    """
+    depth = min(len(r["precision"]) for r in results.values())  # < CURVE_K only for a tiny index
+    for name in ("precision", "recall"):
+        frame = pl.DataFrame({"model": [line for line in results for _ in range(depth)],
+                              "k": [k for _ in results for k in range(1, depth + 1)],
+                              name: [round(float(v), 4) for r in results.values() for v in r[name][:depth]]})
+        with atomic_path(Path(out_dir) / f"{name}_at_k.csv") as tmp:
+            frame.write_csv(tmp)
 
 
 def metrics_markdown(metrics: dict, k: int) -> str:

@@ -107,6 +107,7 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
     run(repo, env, "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the project's plot templates
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True, env=env)
     return repo, env
@@ -140,9 +141,14 @@ def test_full_repro_then_noop(repo):
     assert "head.mP@5" in shown and "train_acc" in shown
     run(path, env, "plots", "show", "-o", "plots_out")
     assert (path / "plots_out" / "index.html").is_file()
+    plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=path, env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+    assert not plots.get("errors"), plots["errors"]
     curves = (path / "data/06_eval/precision_at_k.csv").read_text().splitlines()
-    index_size = metrics["index"]
-    assert curves[0] == "k,zero_shot_pca8_lite0,zero_shot_pca8_concat,head" and len(curves) == 1 + min(10, index_size)
+    depth = min(10, metrics["index"])
+    assert curves[0] == "model,k,precision" and len(curves) == 1 + 3 * depth
+    drawn = {(p["model"], p["k"]) for p in plots["data"]["precision_at_k"][0]["content"]["data"]["values"]}
+    assert drawn == {(m, str(k)) for m in metrics["lines"] for k in range(1, depth + 1)}
     assert (path / "data/06_eval/gallery.png").stat().st_size > 0
     exported = json.loads((path / "data/07_export/embedder.json").read_text())
     assert exported["max_abs_diff_vs_pipeline"] <= 1e-3
