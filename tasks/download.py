@@ -20,8 +20,8 @@ from PIL import Image
 from tasks import fashion_mnist, layouts
 from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, local_path, parse_kaggle, safe_extract
 from tasks.layouts import Skip
-from tasks.params import (CsvSource, DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, ParamsError,
-                          SourceParams, UrlsSource)
+from tasks.params import (CsvSource, DatasetSource, DeepFashionC2sSource, FashionMnistSource,
+                          Fetch, ImageFolderSource, ParamsError, SourceParams, UrlsSource)
 from tasks.photos import Photo
 from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, FAILURES_NAME, FAILURES_SCHEMA, SKIPPED_NAME,
                            SKIPPED_SCHEMA, write_table)
@@ -157,10 +157,18 @@ def place_fetched(path: Path, fetch: Fetch, stage: Path) -> Path | None:
     return None
 
 
+def layout_of(kind: str, spec: SourceParams) -> layouts.Layout:
+    """The layout a dataset source is read with: kinds with options build theirs from the spec."""
+    if isinstance(spec, CsvSource):
+        return layouts.table_layout(spec.table, spec.path_column, spec.label_column)
+    if isinstance(spec, DeepFashionC2sSource):
+        return layouts.deepfashion_layout(spec.statuses)
+    return layouts.LAYOUTS[kind]
+
+
 def read_layout(kind: str, spec: SourceParams, bases: list[Path]) -> tuple[Path, list[Row], list[Skip]]:
     """Find the dataset root among `bases` and read its catalog rows (paths relative to the root)."""
-    layout = (layouts.table_layout(spec.table, spec.path_column, spec.label_column) if isinstance(spec, CsvSource)
-              else layouts.LAYOUTS[kind])
+    layout = layout_of(kind, spec)
     root = layouts.find_root(bases, layout.is_root)
     if root is None:
         raise layouts.LayoutError(f"{kind}: found no folder with {layout.expected} in {[str(b) for b in bases]}")

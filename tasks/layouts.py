@@ -3,32 +3,24 @@
 One reader per source kind, each checking the files it expects and saying
 which are missing, and a finder that locates the dataset root inside
 whatever an archive unpacked (Kaggle zips often add a top-level folder).
-Rows whose image is missing are returned as skips with the reason, never
-silently dropped.
+Rows whose image is missing, or whose listed name would leave the dataset,
+are returned as skips with the reason, never silently dropped. Datasets
+with their own annotation formats have a module each (tasks/deepfashion.py,
+tasks/stanford_cars.py), registered here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
+from tasks import deepfashion, stanford_cars
 from tasks.images import IMAGE_SUFFIXES
-
-Row = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Skip:
-    path: str
-    label: str
-    reason: str
-
-
-class LayoutError(ValueError):
-    """The files are not laid out as the source kind expects; the message says what is missing."""
+from tasks.layout_rows import LayoutError, Row, Skip, rows_if_present
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -45,16 +37,6 @@ def _need_columns(table: pl.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise LayoutError(f"{path.name}: missing columns {missing}; it has {table.columns}")
-
-
-def _rows_if_present(root: Path, pairs: list[tuple[str, str]]) -> tuple[list[Row], list[Skip]]:
-    rows, skips = [], []
-    for rel, label in pairs:
-        if (root / rel).is_file():
-            rows.append({"path": rel, "label": label})
-        else:
-            skips.append(Skip(rel, label, "listed in the table but not found"))
-    return rows, skips
 
 
 def read_imagefolder(root: Path) -> tuple[list[Row], list[Skip]]:
@@ -87,7 +69,7 @@ def read_products10k(root: Path) -> tuple[list[Row], list[Skip]]:
     table_path = root / "train.csv"
     table = _read_table(table_path)
     _need_columns(table, table_path, ["name", "class", "group"])
-    return _rows_if_present(root, [(f"train/{n}", c) for n, c in zip(table["name"], table["class"])])
+    return rows_if_present(root, list(zip(table["name"], table["class"])), prefix="train/")
 
 
 def landmark_path(image_id: str) -> str:
@@ -100,7 +82,8 @@ def read_landmarks(root: Path) -> tuple[list[Row], list[Skip]]:
     table_path = root / "train.csv"
     table = _read_table(table_path)
     _need_columns(table, table_path, ["id", "landmark_id"])
-    return _rows_if_present(root, [(landmark_path(i), l) for i, l in zip(table["id"], table["landmark_id"])])
+    ids = zip(table["id"], table["landmark_id"])
+    return rows_if_present(root, [(landmark_path(i), label) for i, label in ids])
 
 
 def read_rp2k(root: Path) -> tuple[list[Row], list[Skip]]:
@@ -114,17 +97,9 @@ def read_table_source(root: Path, table: str, path_column: str, label_column: st
     table_path = root / table
     frame = _read_table(table_path)
     _need_columns(frame, table_path, [path_column, label_column])
-    base = Path(table).parent
-    pairs = []
-    skips = []
-    for p, label in zip(frame[path_column], frame[label_column]):
-        rel = (base / p).as_posix()
-        if Path(p).is_absolute() or ".." in Path(rel).parts:
-            skips.append(Skip(str(p), str(label), "path leaves the dataset folder"))
-        else:
-            pairs.append((rel, str(label)))
-    rows, missing = _rows_if_present(root, pairs)
-    return rows, skips + missing
+    base = Path(table).parent.as_posix()
+    pairs = [(str(p), str(label)) for p, label in zip(frame[path_column], frame[label_column])]
+    return rows_if_present(root, pairs, prefix="" if base == "." else f"{base}/")
 
 
 def _has_table_with(columns: list[str]) -> Callable[[Path], bool]:
@@ -159,7 +134,14 @@ LAYOUTS: dict[str, Layout] = {
                         "train.csv with columns id,landmark_id and train/<a>/<b>/<c>/<id>.jpg", read_landmarks),
     "rp2k": Layout(lambda d: (d / "train").is_dir() and not (d / "train.csv").exists(),
                    "a train/ folder with one sub-folder per product", read_rp2k),
+    "stanford_cars": Layout(stanford_cars.is_root, stanford_cars.EXPECTED, stanford_cars.read),
 }
+
+
+def deepfashion_layout(statuses: Collection[str]) -> Layout:
+    """The `deepfashion_c2s` kind's layout: the pairs whose evaluation status is in `statuses`."""
+    return Layout(deepfashion.is_root, deepfashion.EXPECTED,
+                  lambda root: deepfashion.read(root, statuses))
 
 
 def table_layout(table: str, path_column: str, label_column: str) -> Layout:

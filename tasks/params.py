@@ -164,6 +164,22 @@ class Rp2kSource(DatasetSource):
     kind: Literal["rp2k"]
 
 
+class DeepFashionC2sSource(DatasetSource):
+    """DeepFashion Consumer-to-shop: Eval/list_eval_partition.txt, img/...; a class per item_id."""
+
+    kind: Literal["deepfashion_c2s"]
+    # Which pairs of the partition to read (its evaluation_status column). Training
+    # recipes (mdfe's M4D-35k) use the train pairs only, so val/test stay unseen.
+    statuses: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["train"], min_length=1)
+
+
+class StanfordCarsSource(DatasetSource):
+    """Stanford Cars: devkit .mat files + cars_train/ (or Kaggle's nested copy); labels: names."""
+
+    kind: Literal["stanford_cars"]
+
+
 class CsvSource(DatasetSource):
     """Anyone's own data as a table: `table` (CSV or Parquet, inside the dataset) lists path and label."""
 
@@ -197,7 +213,8 @@ class UrlsSource(_Section):
 
 SourceParams = Annotated[
     Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource, ImageNetSource, Products10kSource,
-          LandmarksSource, Rp2kSource, CsvSource, UrlsSource],
+          LandmarksSource, Rp2kSource, DeepFashionC2sSource, StanfordCarsSource, CsvSource,
+          UrlsSource],
     Field(discriminator="kind"),
 ]
 

@@ -12,10 +12,18 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import scipy.io
+
 from conftest import jpeg_bytes
 
 # Real RP2K product names look like these (UTF-8 folder names).
 RP2K_CLASSES = ["安慕希原味酸奶", "农夫山泉550ml", "旺仔牛奶245ml", "康师傅红烧牛肉面", "百事可乐330ml"]
+# DeepFashion consumer-to-shop <CATEGORY>/<Sub> folders (img/TOPS/T_Shirt/id_00000218/ is a
+# real one), and real Stanford Cars class names (one with a slash: fine in a label).
+DEEPFASHION_FOLDERS = ["TOPS/T_Shirt", "DRESSES/Dress", "TROUSERS/Skirt", "CLOTHING/Coat"]
+CARS_CLASSES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012",
+                "Ram C/V Cargo Van Minivan 2012", "smart fortwo Convertible 2012"]
 
 
 def _img(path: Path, seed: int) -> None:
@@ -93,6 +101,80 @@ def csv_table(root: Path, classes: int = 4, per_class: int = 3) -> int:
     lines.append("../outside.jpg,label 0")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return classes * per_class
+
+
+def deepfashion_c2s(root: Path, items: int = 8, consumers: int = 3, img_parent: str = "") -> int:
+    """Consumer-to-shop: Eval/list_eval_partition.txt and
+    img/<CATEGORY>/<Sub>/id_<8 digits>/{comsumer,shop}_NN.jpg.
+
+    Each item has `consumers` consumer photos, each paired with one of two shop
+    photos (so a shop photo is listed in several pairs); items cycle through
+    train, train, val, test. `img_parent` = "Img" puts img/ where the release's
+    Img/img.zip unpacks. Returns the number of distinct train images.
+    """
+    rows, train_images = [], 0
+    for i in range(items):
+        item = f"id_{i + 1:08d}"
+        folder = f"img/{DEEPFASHION_FOLDERS[i % len(DEEPFASHION_FOLDERS)]}/{item}"
+        status = ("train", "train", "val", "test")[i % 4]
+        for c in range(consumers):
+            _img(root / img_parent / folder / f"comsumer_{c + 1:02d}.jpg", 600 * i + c)
+            shop = f"{folder}/shop_{c % 2 + 1:02d}.jpg"
+            rows.append(f"{folder}/comsumer_{c + 1:02d}.jpg {shop} {item} {status}")
+        for s in range(2):
+            _img(root / img_parent / folder / f"shop_{s + 1:02d}.jpg", 600 * i + 50 + s)
+        train_images += (consumers + 2) * (status == "train")
+    header = "image_pair_name_1 image_pair_name_2 item_id evaluation_status"
+    (root / "Eval").mkdir(parents=True, exist_ok=True)
+    partition = "\n".join([str(len(rows)), header, *rows]) + "\n"
+    (root / "Eval" / "list_eval_partition.txt").write_text(partition)
+    (root / "Anno").mkdir(exist_ok=True)
+    ids = "".join(f"id_{i + 1:08d}\n" for i in range(items))
+    (root / "Anno" / "list_item_consumer2shop.txt").write_text(f"{items}\nitem_id\n{ids}")
+    return train_images
+
+
+def write_cars_annos(path: Path, entries: list[tuple[str, int]], with_class: bool = True) -> None:
+    """A devkit annotation file: `annotations`, a 1xN MATLAB struct array (bbox_*, class, fname).
+
+    Integers are stored in the smallest type that holds them, as the real
+    files load (uint8 / uint16). with_class=False is cars_test_annos.mat's shape.
+    """
+    names = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", *(["class"] * with_class), "fname")
+    annos = np.empty((1, len(entries)), dtype=[(n, "O") for n in names])
+    for i, (fname, cls) in enumerate(entries):
+        values = {"bbox_x1": 3 + i, "bbox_y1": 5, "bbox_x2": 300 + i, "bbox_y2": 120, "class": cls}
+        for n in names:
+            if n == "fname":
+                annos[0, i][n] = np.array([fname])
+            else:
+                annos[0, i][n] = np.array([[values[n]]], dtype=np.min_scalar_type(values[n]))
+    scipy.io.savemat(path, {"annotations": annos}, do_compression=True)
+
+
+def stanford_cars(root: Path, per_class: int = 4, kaggle: bool = True) -> int:
+    """Stanford Cars: the devkit (.mat files) + cars_train/ + cars_test/.
+
+    kaggle=True is the jessicali9530 mirror's nesting (car_devkit/devkit/,
+    cars_train/cars_train/); False the original archives' (devkit/, cars_train/).
+    """
+    devkit = root / ("car_devkit/devkit" if kaggle else "devkit")
+    train = root / ("cars_train/cars_train" if kaggle else "cars_train")
+    test = root / ("cars_test/cars_test" if kaggle else "cars_test")
+    devkit.mkdir(parents=True)
+    meta = np.empty((1, len(CARS_CLASSES)), dtype=object)
+    for i, name in enumerate(CARS_CLASSES):
+        meta[0, i] = np.array([name])
+    scipy.io.savemat(devkit / "cars_meta.mat", {"class_names": meta})
+    count = per_class * len(CARS_CLASSES)
+    entries = [(f"{n + 1:05d}.jpg", n % len(CARS_CLASSES) + 1) for n in range(count)]
+    for n, (fname, _) in enumerate(entries):
+        _img(train / fname, 700 + n)
+    write_cars_annos(devkit / "cars_train_annos.mat", entries)
+    write_cars_annos(devkit / "cars_test_annos.mat", [("00001.jpg", 0)], with_class=False)
+    _img(test / "00001.jpg", 799)
+    (devkit / "README.txt").write_text("This file gives documentation for the cars 196 dataset.\n")
+    return len(entries)
 
 
 def tar_gz(folder: Path, out: Path, top: str | None = None) -> Path:

@@ -72,3 +72,24 @@ def test_competition_recipes_match_the_write_ups():
     assert dense.sample.num_classes["landmarks"] == 7000 and dense.sample.pick["landmarks"] == "most_populous"
     assert {s.kind for s in dense.sources.values()} == {"imagenet", "landmarks", "products10k"}
     assert (dense.train.schedule, dense.train.epochs, dense.train.embedding_dim) == ("linear", 10, 64)
+
+
+def test_siglip_so400m_matches_mdfe_config():
+    """configs/lp_siglip-sovit400m_arcface3_m4d35k.yaml of morrisfl/mdfe, value by value."""
+    p = parse_params(preset_params("siglip_so400m", BASE))
+    models = [(m.arch, m.pretrained) for m in p.models.values()]
+    assert models == [("ViT-SO400M-14-SigLIP-384", "webli")]
+    kinds = {s.kind for s in p.sources.values()}
+    assert kinds == {"products10k", "landmarks", "deepfashion_c2s", "stanford_cars"}
+    assert p.sources["deepfashion"].statuses == ["train"]
+    assert dict(p.sample.num_classes) == {"products10k": "all", "landmarks": 10000,
+                                          "deepfashion": "all", "stanford_cars": "all"}
+    s = p.sample
+    assert (s.min_images, s.samples, s.val_fraction, s.pick) == (3, 100, 0.0, {})
+    t = p.train
+    assert (t.embedding_dim, t.head, t.dropout) == (64, "dropout_linear", 0.2)
+    assert (t.loss, t.subcenters, t.arcface_scale, t.arcface_margin) == (
+        "subcenter_arcface", 3, 30.0, 0.5)
+    assert (t.optimizer, t.lr, t.weight_decay, t.epochs, t.batch_size) == (
+        "adam", 2e-2, 1e-4, 10, 128)
+    assert (t.schedule, t.warmup_fraction, t.seed) == ("cosine", 0.1, 42)  # warm-up: 1 epoch of 10

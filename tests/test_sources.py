@@ -11,8 +11,9 @@ import pytest
 import miniatures as mini
 from conftest import jpeg_bytes
 from loopback import Fault, Loopback
-from tasks.params import (CsvSource, Fetch, ImageNetSource, LandmarksSource, Products10kSource, Rp2kSource,
-                          SampleParams, ShardParams, UrlsSource)
+from tasks.params import (CsvSource, DeepFashionC2sSource, Fetch, ImageNetSource, LandmarksSource,
+                          Products10kSource, Rp2kSource, SampleParams, ShardParams,
+                          StanfordCarsSource, UrlsSource)
 from tasks.schemas import RAW_DIR, SHARDS_DIR
 
 
@@ -122,6 +123,155 @@ def test_layout_errors_say_what_was_expected(in_tmp):
     with pytest.raises(LayoutError, match="found no folder with train.csv with columns id,landmark_id"):
         download("glr", LandmarksSource(kind="landmarks", uri=str(in_tmp / "empty")))
     assert not (RAW_DIR / "glr").exists()
+
+
+def test_deepfashion_c2s_as_released_partition_file_plus_img_zip(in_tmp, server):
+    """The release: Eval/list_eval_partition.txt and Img/img.zip (entries img/...), as a list."""
+    from flows.download import download
+
+    n = mini.deepfashion_c2s(in_tmp / "src")
+    partition = in_tmp / "src" / "Eval" / "list_eval_partition.txt"
+    img_zip = mini.zip_dir(in_tmp / "src" / "img", in_tmp / "img.zip", top="img")
+    url, sha = serve(server, img_zip, "img.zip")
+    items = [Fetch(url=serve(server, partition, "list_eval_partition.txt")[0], into="Eval"),
+             Fetch(url=url, sha256=sha)]
+    assert download("df", DeepFashionC2sSource(kind="deepfashion_c2s", uri=items)) == n
+    cat = catalog("df")
+    assert cat["path"].n_unique() == cat.height == n  # a shop photo in several pairs counts once
+    assert sorted(cat["label"].unique()) == [f"id_0000000{i}" for i in (1, 2, 5, 6)]  # train items
+    assert all(p.startswith("img/") and p.split("/")[-2] == label
+               for p, label in cat.select("path", "label").iter_rows())
+    assert skipped("df").height == 0
+
+
+def test_deepfashion_c2s_statuses_img_inside_Img_and_missing_images(in_tmp):
+    from flows.download import download
+
+    mini.deepfashion_c2s(in_tmp / "df", img_parent="Img")
+    (in_tmp / "df" / "Img" / "img" / "DRESSES" / "Dress" / "id_00000002" / "shop_02.jpg").unlink()
+    spec = DeepFashionC2sSource(kind="deepfashion_c2s", uri=str(in_tmp / "df"),
+                                statuses=["train", "val"])
+    assert download("df", spec) == 6 * 5 - 1  # items 1, 2, 3, 5, 6, 7; one photo gone
+    assert all(p.startswith("Img/img/") for p in catalog("df")["path"])
+    assert "id_00000003" in catalog("df")["label"].to_list()  # a val item
+    gone = ("Img/img/DRESSES/Dress/id_00000002/shop_02.jpg", "id_00000002",
+            "listed in the table but not found")
+    assert skipped("df").rows() == [gone]
+
+
+def test_deepfashion_c2s_names_that_leave_the_folder_are_recorded_not_read(in_tmp):
+    from flows.download import download
+
+    n = mini.deepfashion_c2s(in_tmp / "df")
+    outside = in_tmp / "outside.jpg"
+    outside.write_bytes(jpeg_bytes(1))
+    partition = in_tmp / "df" / "Eval" / "list_eval_partition.txt"
+    lines = partition.read_text().splitlines()
+    lines += [f"../outside.jpg {outside} id_00000099 train"]
+    partition.write_text("\n".join([str(len(lines) - 2), *lines[1:]]) + "\n")
+    spec = DeepFashionC2sSource(kind="deepfashion_c2s", uri=str(in_tmp / "df"))
+    assert download("df", spec) == n
+    assert sorted(skipped("df").rows()) == sorted([
+        ("../outside.jpg", "id_00000099", "path leaves the dataset folder"),
+        (str(outside), "id_00000099", "path leaves the dataset folder")])
+    assert not any(p.name == "outside.jpg" for p in (RAW_DIR / "df").rglob("*"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ls: ls[:3] + ["img/a/comsumer_01.jpg img/a/shop_01.jpg train"] + ls[4:],
+     r"list_eval_partition.txt \(.*\) line 4: expected '<consumer image> <shop image> <item id>"),
+    (lambda ls: ls[:8] + [ls[8].replace(" val", " validation")] + ls[9:],
+     r"line 9: expected.*validation"),
+    (lambda ls: [ls[0], "image_name item_id evaluation_status"] + ls[2:],  # In-shop's header
+     r"line 2: expected the header"),
+    (lambda ls: ls[:-3], r"line 1 says 24 pairs but 21 follow"),
+    (lambda ls: ["pairs"] + ls[1:], r"line 1: expected the number of pairs"),
+])
+def test_deepfashion_c2s_malformed_partition_names_file_and_line(in_tmp, edit, message):
+    from flows.download import download
+    from tasks.layouts import LayoutError
+
+    mini.deepfashion_c2s(in_tmp / "df")
+    partition = in_tmp / "df" / "Eval" / "list_eval_partition.txt"
+    partition.write_text("\n".join(edit(partition.read_text().splitlines())) + "\n")
+    with pytest.raises(LayoutError, match=message):
+        download("df", DeepFashionC2sSource(kind="deepfashion_c2s", uri=str(in_tmp / "df")))
+    assert not (RAW_DIR / "df").exists()
+
+
+def test_stanford_cars_kaggle_mirror_zip_over_http(in_tmp, server):
+    """Kaggle's jessicali9530/stanford-cars-dataset: car_devkit/devkit/, cars_train/cars_train/."""
+    from flows.download import download
+
+    n = mini.stanford_cars(in_tmp / "src", kaggle=True)
+    url, sha = serve(server, mini.zip_dir(in_tmp / "src", in_tmp / "cars.zip"), "cars.zip")
+    assert download("cars", StanfordCarsSource(kind="stanford_cars", uri=url, sha256=sha)) == n
+    cat = catalog("cars")
+    assert sorted(cat["label"].unique()) == sorted(mini.CARS_CLASSES)  # names, not 1-based ids
+    assert cat.filter(pl.col("path") == "cars_train/cars_train/00003.jpg")["label"].to_list() == [
+        "Ram C/V Cargo Van Minivan 2012"]
+    assert not any("cars_test" in p for p in cat["path"])
+
+
+def test_stanford_cars_original_archives_fetched_as_a_list(in_tmp, server):
+    """The original car_devkit.tgz (devkit/) and cars_train.tgz (cars_train/)."""
+    from flows.download import download
+
+    n = mini.stanford_cars(in_tmp / "src", kaggle=False)
+    items = []
+    for name in ("devkit", "cars_train"):
+        archive = mini.tar_gz(in_tmp / "src" / name, in_tmp / f"{name}.tgz", top=name)
+        url, sha = serve(server, archive, archive.name)
+        items.append(Fetch(url=url, sha256=sha))
+    assert download("cars", StanfordCarsSource(kind="stanford_cars", uri=items)) == n
+    assert all(p.startswith("cars_train/") and p.count("/") == 1 for p in catalog("cars")["path"])
+
+
+def test_stanford_cars_bad_entries_are_recorded_and_never_read_outside(in_tmp):
+    from flows.download import download
+
+    n = mini.stanford_cars(in_tmp / "cars", kaggle=False)
+    outside = in_tmp / "outside.jpg"
+    outside.write_bytes(jpeg_bytes(2))
+    entries = [(f"{k + 1:05d}.jpg", k % 4 + 1) for k in range(n)]
+    entries[0] = ("00001.jpg", 197)  # no such class
+    entries[1] = ("../../outside.jpg", 1)
+    entries[2] = (str(outside), 1)
+    entries[3] = ("99999.jpg", 2)  # listed, not on disk
+    mini.write_cars_annos(in_tmp / "cars" / "devkit" / "cars_train_annos.mat", entries)
+    spec = StanfordCarsSource(kind="stanford_cars", uri=str(in_tmp / "cars"))
+    assert download("cars", spec) == n - 4
+    assert sorted(skipped("cars").rows()) == sorted([
+        ("cars_train/00001.jpg", "197", "class 197 is not in cars_meta.mat (1..4)"),
+        ("../../outside.jpg", "AM General Hummer SUV 2000", "path leaves the dataset folder"),
+        (str(outside), "AM General Hummer SUV 2000", "path leaves the dataset folder"),
+        ("cars_train/99999.jpg", "Acura RL Sedan 2012", "listed in the table but not found")])
+    assert not any(p.name == "outside.jpg" for p in (RAW_DIR / "cars").rglob("*"))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no class field", r"cars_train_annos.mat: `annotations` lacks the fields \['class'\]"),
+    ("no class_names", r"cars_meta.mat: expected a variable 'class_names' \(cell array"),
+    ("not a .mat", r"cars_train_annos.mat: not a readable MATLAB v5 file"),
+])
+def test_stanford_cars_devkit_without_expected_variables_is_an_error(in_tmp, breakage, message):
+    import numpy as np
+    import scipy.io
+
+    from flows.download import download
+    from tasks.layouts import LayoutError
+
+    mini.stanford_cars(in_tmp / "cars", kaggle=False)
+    devkit = in_tmp / "cars" / "devkit"
+    if breakage == "no class field":
+        mini.write_cars_annos(devkit / "cars_train_annos.mat", [("00001.jpg", 1)],
+                              with_class=False)
+    elif breakage == "no class_names":
+        scipy.io.savemat(devkit / "cars_meta.mat", {"names": np.array(["x"], dtype=object)})
+    else:
+        (devkit / "cars_train_annos.mat").write_bytes(b"<html>Not Found</html>")
+    with pytest.raises(LayoutError, match=message):
+        download("cars", StanfordCarsSource(kind="stanford_cars", uri=str(in_tmp / "cars")))
 
 
 def test_sampling_most_populous_min_images_and_label_map_then_shard(in_tmp, server):
