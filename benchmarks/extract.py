@@ -34,11 +34,15 @@ import webdataset as wds
 from PIL import Image
 
 from tasks.extract import Embedder, embed_shard, get_worker, resolve_device
-from tasks.models import _save_variant, build_variant, load_backbone
+from tasks.models import CONFIG_NAME, _save_variant, build_variant, load_backbone, open_clip_variant_config
 from tasks.params import EfficientNetLiteModel, ExtractParams
 from tasks.preprocess import decode_rgb
 from tasks.shard import read_shard
 
+# name -> (open_clip architecture, tag whose preprocessing it takes)
+RANDOM_INIT = {"vit_s32": ("ViT-S-32", None), "vit_b32": ("ViT-B-32", "laion2b_s34b_b79k"),
+               "vit_l14": ("ViT-L-14", "laion2b_s32b_b82k"), "vit_l14_336": ("ViT-L-14-336", "openai"),
+               "siglip_so400m": ("ViT-SO400M-14-SigLIP-384", "webli")}
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "cat"]
 
 
@@ -66,16 +70,18 @@ def write_shards(out: Path, images: int, per_shard: int, seed: int, start: int =
 
 
 def backbone_dir(name: str, work: Path) -> Path:
-    """lite0/lite2: the offline weights; vit_s32: open_clip ViT-S-32, random init (speed only)."""
+    """lite0/lite2: the offline weights; the others: open_clip architectures, random init (speed
+    only), with the preprocessing of the tag the presets use."""
     out = work / name
     if name in ("lite0", "lite2"):
         build_variant(name, EfficientNetLiteModel(kind="efficientnet_lite", arch=name), out)
     else:
-        arch = {"vit_s32": "ViT-S-32", "vit_b32": "ViT-B-32"}[name]
+        arch, tag = RANDOM_INIT[name]
+        config = open_clip_variant_config(arch, open_clip.get_pretrained_cfg(arch, tag) if tag else {})
         torch.manual_seed(0)
-        model = open_clip.create_model(arch)
-        config = {"model_cfg": open_clip.get_model_config(arch),
-                  "preprocess_cfg": {**model.visual.preprocess_cfg, "size": model.visual.image_size[0]}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(config))
+        model = open_clip.create_model(f"local-dir:{out}", pretrained_text=False)
         _save_variant(out, config, model, {"model_name": arch, "pretrained": "random-init"})
     return out
 
@@ -135,7 +141,7 @@ def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repe
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbones", nargs="+", default=["lite0", "vit_s32"],
-                        choices=["lite0", "lite2", "vit_s32", "vit_b32"])
+                        choices=["lite0", "lite2", *RANDOM_INIT])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--per-shard", type=int, default=256)  # the embedded default's shard.max_samples
     parser.add_argument("--batch", type=int, default=32)

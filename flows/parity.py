@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", metavar="ARCH/TAG", help="e.g. ViT-L-14/openai")
     parser.add_argument("--outputs", action="store_true", help="also compare outputs with the weights")
     parser.add_argument("--photos", type=Path, help="a folder of photos (default: scikit-image's)")
+    parser.add_argument("--device", default="cpu", help="where --outputs runs both models (fp32)")
     args = parser.parse_args(argv)
     photos = _photos(args.photos)
     failed = 0
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         arch, _, tag = spec.partition("/")
         if args.outputs:
             with tempfile.TemporaryDirectory() as tmp:
-                result = check_outputs(arch, tag, photos, Path(tmp))
+                result = check_outputs(arch, tag, photos, Path(tmp), device=args.device)
         else:
             result = check_structure(arch, tag, photos)
         result["passed"] = passed(result)

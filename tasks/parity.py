@@ -102,7 +102,7 @@ def check_structure(arch: str, tag: str, photos: list[bytes]) -> dict[str, Any]:
 
 
 def check_outputs(arch: str, tag: str, photos: list[bytes], workdir: Path,
-                  path: Path | None = None) -> dict[str, Any]:
+                  path: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Output parity: the `models` stage's variant, loaded as `extract` loads it, against open_clip.
 
     Weights come as the `models` stage finds them (`path`, else the Hugging
@@ -111,18 +111,19 @@ def check_outputs(arch: str, tag: str, photos: list[bytes], workdir: Path,
     cfg = tag_config(arch, tag)
     build_variant("parity", OpenClipModel(kind="open_clip", arch=arch, pretrained=tag, path=path),
                   workdir / "variant")
-    ours, preprocess, _ = load_backbone(workdir / "variant")
+    ours, preprocess, _ = load_backbone(workdir / "variant", device=device)
     ref, _, transform = open_clip.create_model_and_transforms(
-        arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
+        arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")), device=device)
     ref.eval()
     x = torch.randn(2, 3, preprocess.size, preprocess.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     cosines = []
     with torch.no_grad():
         same_input = (ours.encode_image(x) - ref.encode_image(x)).abs().max().item()
         scale = ref.encode_image(x).abs().max().item()
         for data in photos:
-            a = ours.encode_image(preprocess(decode_rgb(data)[None]))
-            b = ref.encode_image(transform(Image.open(io.BytesIO(data)))[None])
+            a = ours.encode_image(preprocess(decode_rgb(data)[None]).to(device))
+            b = ref.encode_image(transform(Image.open(io.BytesIO(data)))[None].to(device))
             cosines.append(torch.nn.functional.cosine_similarity(a, b).item())
     return {"arch": arch, "pretrained": tag, "same_input_max_abs_diff": same_input,
             "same_input_max_abs": scale, "photos": len(photos), "photo_min_cosine": min(cosines),
