@@ -50,7 +50,8 @@ def image_digest(data: bytes) -> bytes:
 
 # What decides an embedding besides the weights and configs: the code that decodes, preprocesses,
 # loads and runs the model. Their meaning is fingerprinted, not their bytes (see code_fingerprint).
-EMBEDDING_CODE = ("tasks.preprocess", "tasks.extract:_Decoded", "tasks.extract:Embedder",
+EMBEDDING_CODE = ("tasks.preprocess", "tasks.extract:_Decoded", "tasks.decode:_decode",
+                  "tasks.extract:Embedder",
                   "tasks.models:load_backbone")
 # Libraries whose numerics or defaults can change an embedding between releases.
 LIBRARIES = ("torch", "torchvision", "open_clip_torch", "timm", "pillow")

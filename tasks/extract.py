@@ -1,8 +1,8 @@
 """Embed WebDataset shards with one backbone into one Arrow file per shard.
 
 Reader -> mapper -> writer, as clip-retrieval splits it: the reader streams
-(key, class, JPEG bytes) out of a tar with webdataset; DataLoader workers
-decode and preprocess; only the mapper holds the model; the writer stores
+(key, class, JPEG bytes) out of a tar with webdataset; decoding threads or
+processes preprocess; only the mapper holds the model; the writer stores
 float32 embeddings atomically with the model's identity in the metadata.
 Images embedded before (same bytes, checkpoint, preprocessing) come from the
 content-addressed cache instead of the model.
@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from tasks.decode import decode_pool
 from tasks.embedding_cache import EmbeddingCache, cache_key, image_digest
 from tasks.models import load_backbone
 from tasks.params import ExtractParams
@@ -32,7 +33,7 @@ from tasks.shard import Sample, read_shard
 
 
 class _Decoded(Dataset):
-    """Decode + preprocess by index, so DataLoader workers share the work of one shard."""
+    """Decode + preprocess by index: the unit of work of the in-process decoding threads."""
 
     def __init__(self, samples: list[Sample], preprocess: Preprocess):
         self.samples, self.preprocess = samples, preprocess
@@ -75,7 +76,7 @@ class Embedder:
 
 
 def decode_workers(params: ExtractParams, device: torch.device) -> int:
-    """DataLoader worker processes: none on a CPU, where decoding in parallel
+    """Decoding processes: none on a CPU, where decoding in parallel
     with the model only makes the two fight over the same cores; on CUDA the
     cores are free while the GPU computes, so they decode ahead."""
     if params.num_workers != "auto":
@@ -86,19 +87,19 @@ def decode_workers(params: ExtractParams, device: torch.device) -> int:
 def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams, device: torch.device) -> Iterator[torch.Tensor]:
     """Preprocessed batches in order.
 
-    With DataLoader workers, batches are decoded ahead in other processes,
-    prefetched and pinned for non-blocking copies. Without them, each batch
-    is decoded by a thread pool as wide as torch's thread count, between
-    model calls: decoding then gets every core for a moment instead of
-    preempting the model's OpenMP threads all the time (on 2 cores this is
-    measurably faster, see benchmarks/extract.py).
+    With decoding workers, a process pool that outlives the shard decodes
+    small chunks ahead of the model (pinned for non-blocking copies on CUDA;
+    tasks/decode.py). Without them, each batch is decoded by a thread pool as
+    wide as torch's thread count, between model calls: decoding then gets
+    every core for a moment instead of preempting the model's OpenMP threads
+    all the time (on 2 cores this is measurably faster, see benchmarks/extract.py).
     """
-    data = _Decoded(samples, preprocess)
     workers = decode_workers(params, device)
     if workers:
-        yield from DataLoader(data, batch_size=params.batch_size, shuffle=False, num_workers=workers,
-                              pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4)
+        pool = decode_pool(preprocess, workers)
+        yield from pool.batches([s.jpeg for s in samples], params.batch_size, pin=device.type == "cuda")
         return
+    data = _Decoded(samples, preprocess)
     # One intra-op thread per decoding thread (OpenMP's setting is per thread): a
     # decoding thread with a team of its own would leave spinning OpenMP workers
     # behind that slow the model's next batch.

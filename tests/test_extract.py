@@ -93,3 +93,16 @@ def test_cuda_request_without_cuda_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="extract.device = 'cuda'"):
         resolve_device("cuda")
+
+
+def test_decoding_processes_outlive_a_shard_and_keep_order(shard_file, tiny_backbone):
+    from tasks.decode import decode_pool
+
+    _, preprocess, _ = load_backbone(tiny_backbone)
+    samples = read_shard(shard_file)
+    pool = decode_pool(preprocess, 2)
+    assert decode_pool(preprocess, 2) is pool  # the next shard reuses the running processes
+    got = list(pool.batches([s.jpeg for s in samples], batch_size=4, pin=False))
+    assert [len(b) for b in got] == [4, 4, 3]
+    expected = torch.cat([preprocess(decode_rgb(s.jpeg)[None]) for s in samples])
+    assert torch.equal(torch.cat(got), expected)
