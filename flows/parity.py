@@ -32,7 +32,11 @@ def passed(result: dict) -> bool:
     if "modules_equal" in result:
         ok = ok and result["modules_equal"] and result["shapes_equal"]
     if "same_input_max_abs_diff" in result:
-        ok = ok and result["same_input_max_abs_diff"] <= MAX_RELATIVE_DIFF * result["same_input_max_abs"]
+        ok = (
+            ok
+            and result["same_input_max_abs_diff"]
+            <= MAX_RELATIVE_DIFF * result["same_input_max_abs"]
+        )
         ok = ok and result["photo_min_cosine"] >= MIN_PHOTO_COSINE
     return bool(ok)
 
@@ -48,19 +52,33 @@ def _photos(folder: Path | None) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.parity", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.parity", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("models", nargs="+", metavar="ARCH/TAG", help="e.g. ViT-L-14/openai")
-    parser.add_argument("--outputs", action="store_true", help="also compare outputs with the weights")
+    parser.add_argument(
+        "--outputs", action="store_true", help="also compare outputs with the weights"
+    )
     parser.add_argument("--photos", type=Path, help="a folder of photos (default: scikit-image's)")
     parser.add_argument("--device", default="cpu", help="where --outputs runs both models (fp32)")
+    parser.add_argument(
+        "--path",
+        type=Path,
+        help="with --outputs and one ARCH/TAG: a local weights "
+        "file for that tag, as models.<variant>.path takes it",
+    )
     args = parser.parse_args(argv)
+    if args.path and (not args.outputs or len(args.models) != 1):
+        parser.error("--path goes with --outputs and one ARCH/TAG")
     photos = _photos(args.photos)
     failed = 0
     for spec in args.models:
         arch, _, tag = spec.partition("/")
         if args.outputs:
             with tempfile.TemporaryDirectory() as tmp:
-                result = check_outputs(arch, tag, photos, Path(tmp), device=args.device)
+                result = check_outputs(
+                    arch, tag, photos, Path(tmp), path=args.path, device=args.device
+                )
         else:
             result = check_structure(arch, tag, photos)
         result["passed"] = passed(result)

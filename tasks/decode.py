@@ -43,8 +43,9 @@ class DecodePool:
         # fork, as DataLoader does: children inherit the loaded modules and never touch CUDA
         context = torch.multiprocessing.get_context("fork")
         self.workers = workers
-        self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
-                                             initargs=(preprocess,))
+        self._executor = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start, initargs=(preprocess,)
+        )
 
     def batches(self, jpegs: Sequence[bytes], batch_size: int, pin: bool) -> Iterator[torch.Tensor]:
         """Batches of `batch_size` preprocessed images (the last one shorter), in input order.
@@ -60,7 +61,7 @@ class DecodePool:
         def submit() -> None:
             start = next(starts, None)
             if start is not None:
-                in_flight.append(self._executor.submit(_decode, list(jpegs[start:start + chunk])))
+                in_flight.append(self._executor.submit(_decode, list(jpegs[start : start + chunk])))
 
         for _ in range(4 * self.workers):
             submit()
@@ -87,8 +88,14 @@ _pools_lock = threading.Lock()
 
 def decode_pool(preprocess: Preprocess, workers: int) -> DecodePool:
     """The process-wide pool for this preprocessing and worker count (started on first use)."""
-    key = (preprocess.size, preprocess.interpolation, preprocess.resize_mode,
-           tuple(preprocess.mean.flatten().tolist()), tuple(preprocess.std.flatten().tolist()), workers)
+    key = (
+        preprocess.size,
+        preprocess.interpolation,
+        preprocess.resize_mode,
+        tuple(preprocess.mean.flatten().tolist()),
+        tuple(preprocess.std.flatten().tolist()),
+        workers,
+    )
     with _pools_lock:
         if key not in _pools:
             _pools[key] = DecodePool(preprocess, workers)

@@ -63,9 +63,12 @@ def code_fingerprint(source: str) -> str:
     tree = ast.parse(textwrap.dedent(source))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+        documented = (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                        ast.AsyncFunctionDef))
+                      and body and isinstance(body[0], ast.Expr)
+                      and isinstance(body[0].value, ast.Constant)
+                      and isinstance(body[0].value.value, str))
+        if documented:
             node.body = body[1:] or [ast.Pass()]
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
@@ -93,10 +96,18 @@ def cache_key(model_dir: Path | str, device_type: str, precision: str) -> dict[s
 
     The checkpoint's bytes, the variant's full open_clip config (architecture,
     activation, preprocessing), the meaning of the embedding code, the library
-    versions, and the numerics (CPU fp32 vs CUDA fp16/bf16 autocast).
+    versions, and the numerics (CPU fp32, or the GPU model and CUDA fp16/bf16 autocast).
     """
     model_dir = Path(model_dir)
-    numerics = "cpu-fp32" if device_type != "cuda" else f"cuda-{precision}"
+    numerics = "cpu-fp32"
+    if device_type == "cuda":  # kernels (and so the last bits) differ between GPU generations
+        import torch
+
+        gpu = "none visible"
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            gpu = f"{torch.cuda.get_device_name()} sm{major}{minor}"
+        numerics = f"cuda-{precision} ({gpu})"
     return {
         "format": CACHE_FORMAT,
         "checkpoint_sha256": sha256_file(model_dir / "open_clip_model.safetensors"),

@@ -54,15 +54,26 @@ def sample_photos() -> list[bytes]:
     out = []
     for photo in (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()):
         image = Image.fromarray(photo)
-        for size in [image.size, (301, 97), (97, 301), (640, 480), (123, 457), (20, 30), (300, 500)]:
+        for size in [
+            image.size,
+            (301, 97),
+            (97, 301),
+            (640, 480),
+            (123, 457),
+            (20, 30),
+            (300, 500),
+        ]:
             buf = io.BytesIO()
             image.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=90)
             out.append(buf.getvalue())
     return out
 
 
-def compare_preprocessing(preprocess: Preprocess, transform, photos: list[bytes]) -> dict[str, float]:
-    """Our uint8 tensor path (eager and exportable) against open_clip's PIL transform, in grey levels."""
+def compare_preprocessing(
+    preprocess: Preprocess, transform, photos: list[bytes]
+) -> dict[str, float]:
+    """Our uint8 tensor path (eager and exportable) against open_clip's PIL transform,
+    in grey levels of 255."""
     std = preprocess.std[0]
     eager, exported, means = [], [], []
     with torch.no_grad():
@@ -70,13 +81,18 @@ def compare_preprocessing(preprocess: Preprocess, transform, photos: list[bytes]
             ref = transform(Image.open(io.BytesIO(data)))
             pixels = decode_rgb(data)[None]
             ours = preprocess(pixels)[0]
-            via_export = (preprocess.resize_exportable(pixels)[0] / 255.0 - preprocess.mean[0]) / std
+            via_export = (
+                preprocess.resize_exportable(pixels)[0] / 255.0 - preprocess.mean[0]
+            ) / std
             levels = ((ours - ref) * std * 255).abs()
             eager.append(levels.max().item())
             means.append(levels.mean().item())
             exported.append(((via_export - ref) * std * 255).abs().max().item())
-    return {"preprocess_max_levels": max(eager), "preprocess_mean_levels": float(np.mean(means)),
-            "export_preprocess_max_levels": max(exported)}
+    return {
+        "preprocess_max_levels": max(eager),
+        "preprocess_mean_levels": float(np.mean(means)),
+        "export_preprocess_max_levels": max(exported),
+    }
 
 
 def check_structure(arch: str, tag: str, photos: list[bytes]) -> dict[str, Any]:
@@ -89,33 +105,81 @@ def check_structure(arch: str, tag: str, photos: list[bytes]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, torch.device("meta"):
         (Path(tmp) / CONFIG_NAME).write_text(json.dumps(open_clip_variant_config(arch, cfg)))
         ours = open_clip.create_model(f"local-dir:{tmp}", device="meta", pretrained_text=False)
-        ref = open_clip.create_model(arch, pretrained=tag, load_weights=False, device="meta",
-                                     force_quick_gelu=bool(cfg.get("quick_gelu")))
+        try:
+            ref = open_clip.create_model(
+                arch,
+                pretrained=tag,
+                load_weights=False,
+                device="meta",
+                force_quick_gelu=bool(cfg.get("quick_gelu")),
+            )
+        except RuntimeError as exc:  # open_clip resolves the tag's file even when it won't read it
+            raise RuntimeError(
+                f"{arch}/{tag}: open_clip could not resolve the tag's weights file ({exc}). The "
+                "config check reads none of it, but open_clip looks it up: put the file (or an "
+                "empty placeholder, as tests/hf_cache.py does) in the Hugging Face cache, or "
+                "allow the download."
+            ) from None
     shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]  # noqa: E731
     ref_pp = dict(ref.visual.preprocess_cfg)
     transform = image_transform_v2(PreprocessCfg(**ref_pp), is_train=False)
-    return {"arch": arch, "pretrained": tag,
-            "modules_equal": repr(ours) == repr(ref), "shapes_equal": shapes(ours) == shapes(ref),
-            "preprocess_cfg_equal": _normalised(ours.visual.preprocess_cfg) == _normalised(ref_pp),
-            "preprocess_cfg": _normalised(ref_pp),
-            **compare_preprocessing(Preprocess.from_cfg(ours.visual.preprocess_cfg), transform, photos)}
+    return {
+        "arch": arch,
+        "pretrained": tag,
+        "modules_equal": repr(ours) == repr(ref),
+        "shapes_equal": shapes(ours) == shapes(ref),
+        "preprocess_cfg_equal": _normalised(ours.visual.preprocess_cfg) == _normalised(ref_pp),
+        "preprocess_cfg": _normalised(ref_pp),
+        **compare_preprocessing(Preprocess.from_cfg(ours.visual.preprocess_cfg), transform, photos),
+    }
 
 
-def check_outputs(arch: str, tag: str, photos: list[bytes], workdir: Path,
-                  path: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+def check_outputs(
+    arch: str,
+    tag: str,
+    photos: list[bytes],
+    workdir: Path,
+    path: Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Output parity: the `models` stage's variant, loaded as `extract` loads it, against open_clip.
 
     Weights come as the `models` stage finds them (`path`, else the Hugging
-    Face cache, else a download); the reference always resolves the tag itself.
+    Face cache, else a download). The reference resolves the tag itself; with
+    `path` it loads that file by open_clip's own means, with the tag's
+    published activation and preprocessing forced as open_clip's factory
+    takes them (`force_quick_gelu`, `force_preprocess_cfg`).
     """
     cfg = tag_config(arch, tag)
-    build_variant("parity", OpenClipModel(kind="open_clip", arch=arch, pretrained=tag, path=path),
-                  workdir / "variant")
+    build_variant(
+        "parity",
+        OpenClipModel(kind="open_clip", arch=arch, pretrained=tag, path=path),
+        workdir / "variant",
+    )
     ours, preprocess, _ = load_backbone(workdir / "variant", device=device)
-    ref, _, transform = open_clip.create_model_and_transforms(
-        arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")), device=device)
+    quick_gelu = bool(cfg.get("quick_gelu"))
+    if path is None:
+        ref, _, transform = open_clip.create_model_and_transforms(
+            arch, pretrained=tag, force_quick_gelu=quick_gelu, device=device
+        )
+    else:
+        tag_preprocess = {
+            k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg
+        }
+        ref, _, transform = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=str(path),
+            force_quick_gelu=quick_gelu,
+            device=device,
+            image_mean=tag_preprocess.get("mean"),
+            image_std=tag_preprocess.get("std"),
+            image_interpolation=tag_preprocess.get("interpolation"),
+            image_resize_mode=tag_preprocess.get("resize_mode"),
+        )
     ref.eval()
-    x = torch.randn(2, 3, preprocess.size, preprocess.size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        2, 3, preprocess.size, preprocess.size, generator=torch.Generator().manual_seed(0)
+    )
     x = x.to(device)
     cosines = []
     with torch.no_grad():
@@ -125,8 +189,14 @@ def check_outputs(arch: str, tag: str, photos: list[bytes], workdir: Path,
             a = ours.encode_image(preprocess(decode_rgb(data)[None]).to(device))
             b = ref.encode_image(transform(Image.open(io.BytesIO(data)))[None].to(device))
             cosines.append(torch.nn.functional.cosine_similarity(a, b).item())
-    return {"arch": arch, "pretrained": tag, "same_input_max_abs_diff": same_input,
-            "same_input_max_abs": scale, "photos": len(photos), "photo_min_cosine": min(cosines),
-            "preprocess_cfg_equal": _normalised(ours.visual.preprocess_cfg)
-            == _normalised(ref.visual.preprocess_cfg),
-            **compare_preprocessing(preprocess, transform, photos)}
+    return {
+        "arch": arch,
+        "pretrained": tag,
+        "same_input_max_abs_diff": same_input,
+        "same_input_max_abs": scale,
+        "photos": len(photos),
+        "photo_min_cosine": min(cosines),
+        "preprocess_cfg_equal": _normalised(ours.visual.preprocess_cfg)
+        == _normalised(ref.visual.preprocess_cfg),
+        **compare_preprocessing(preprocess, transform, photos),
+    }

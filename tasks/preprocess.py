@@ -28,7 +28,7 @@ RESIZE_MODES = ("shortest", "squash")
 
 
 class Preprocess(nn.Module):
-    """uint8 RGB images (N, 3, H, W) -> normalised float (N, 3, size, size), as open_clip's transform.
+    """uint8 RGB (N, 3, H, W) -> normalised float (N, 3, size, size), as open_clip's transform.
 
     Eager calls (extraction) resize with torch's uint8 antialiased kernels,
     a port of PIL's. torch.export cannot trace those with a dynamic image
@@ -41,8 +41,14 @@ class Preprocess(nn.Module):
     vertical pass first (README: parity with open_clip).
     """
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
-                 interpolation: str = "bicubic", resize_mode: str = "shortest"):
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+    ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r}: allowed are {list(INTERPOLATIONS)}")
@@ -64,8 +70,13 @@ class Preprocess(nn.Module):
             size = size[0]
         if cfg.get("mode", "RGB") != "RGB":
             raise ValueError(f"preprocess mode {cfg['mode']!r}: only RGB is supported")
-        return cls(size, cfg["mean"], cfg["std"], cfg.get("interpolation", "bicubic"),
-                   cfg.get("resize_mode", "shortest"))
+        return cls(
+            size,
+            cfg["mean"],
+            cfg["std"],
+            cfg.get("interpolation", "bicubic"),
+            cfg.get("resize_mode", "shortest"),
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
@@ -77,14 +88,20 @@ class Preprocess(nn.Module):
         return (x / 255.0 - self.mean) / self.std
 
     def resize_fast(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> uint8 (N, 3, size, size): resize, then centre-crop, with torch's PIL-like kernels."""
+        """uint8 -> uint8 (N, 3, size, size): resize, then centre-crop, in torch's PIL-like
+        kernels."""
         h, w = int(images.shape[-2]), int(images.shape[-1])
         (new_h, top), (new_w, left) = _geometry(h, w, self.size, self.resize_mode)
         x = images
         if (new_h, new_w) != (h, w):  # torchvision leaves an image of the target size untouched
-            x = F.interpolate(images, size=(new_h, new_w), mode=self.interpolation, antialias=True,
-                              align_corners=False)
-        return x[..., top:top + self.size, left:left + self.size]
+            x = F.interpolate(
+                images,
+                size=(new_h, new_w),
+                mode=self.interpolation,
+                antialias=True,
+                align_corners=False,
+            )
+        return x[..., top : top + self.size, left : left + self.size]
 
     def resize_exportable(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float holding integers 0-255: the same resize and crop as dense matrix
@@ -142,12 +159,14 @@ def _weights(n_in, n_resized, positions: torch.Tensor, interpolation: str) -> to
     in_pos = torch.arange(n_in, dtype=torch.float64) + 0.5
     scale = in_pos.new_ones(()) * n_in / n_resized  # input pixels per resized pixel
     centres = (positions.double() + 0.5) * scale
-    weights = _kernel((in_pos[None, :] - centres[:, None]) / torch.clamp(scale, min=1.0), interpolation)
+    weights = _kernel(
+        (in_pos[None, :] - centres[:, None]) / torch.clamp(scale, min=1.0), interpolation
+    )
     return weights / weights.sum(dim=1, keepdim=True)
 
 
 def resample_matrix(n_in, n_resized, offset, n_out: int, interpolation: str = "bicubic"):
-    """(n_out, n_in) weights: pixels [offset, offset + n_out) of `n_in` pixels resized to `n_resized`.
+    """(n_out, n_in) weights: pixels [offset, offset + n_out) of `n_in` resized to `n_resized`.
 
     The weights are quantised as torch's uint8 resize (extraction) quantises
     them: int16 with as many fraction bits as the largest weight of the whole
@@ -155,10 +174,23 @@ def resample_matrix(n_in, n_resized, offset, n_out: int, interpolation: str = "b
     exported program computes the very same integers.
     """
     window = _weights(n_in, n_resized, torch.arange(n_out) + offset, interpolation)
-    largest = _weights(n_in, n_resized, torch.arange(n_resized), interpolation).max()
+    # torch takes the largest weight of the whole line; the window's rows hold every phase of
+    # the kernel a crop needs, and the border rows (the truncated, renormalised kernels) are
+    # added. Not the whole line: a 32 x 4096 banner would need a 28672 x 4096 matrix.
+    borders = _weights(
+        n_in,
+        n_resized,
+        torch.stack(
+            [torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.long) * (n_resized - 1)]
+        ),
+        interpolation,
+    )
+    largest = torch.maximum(window.max(), borders.max())
     bits = torch.clamp(torch.ceil(torch.log2(32767.5 / largest)) - 1, 0, 22)
     unit = torch.pow(2.0, bits)
-    return (torch.trunc(window * unit + torch.sign(window) * 0.5) / unit).float()  # exact in float32
+    return (
+        torch.trunc(window * unit + torch.sign(window) * 0.5) / unit
+    ).float()  # exact in float32
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -171,8 +203,9 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     """
     if data[:3] == b"\xff\xd8\xff":
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
         except RuntimeError:
             pass
     with Image.open(io.BytesIO(data)) as im:

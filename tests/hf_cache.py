@@ -27,7 +27,7 @@ REVISION = "0" * 40
 
 def place_weights(hf_home: Path, arch: str, tag: str, seed: int | None = 0) -> Path:
     """Random weights of `arch` (seeded; fp16, as the Hub's files mostly are) under the tag's repo.
-    seed=None writes an empty placeholder: enough for code that resolves the file without reading it."""
+    seed=None writes an empty placeholder: enough where the file is resolved but not read."""
     hub = open_clip.get_pretrained_cfg(arch, tag)["hf_hub"].rstrip("/")
     org, name, *rest = hub.split("/")
     filename = rest[0] if rest else "open_clip_model.safetensors"
@@ -50,6 +50,13 @@ def offline_env(hf_home: Path) -> dict[str, str]:
 
 
 def run_offline(args: list[str], hf_home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python <args>` in the repo, offline, reading this cache (huggingface_hub reads env at import)."""
-    return subprocess.run([sys.executable, *args], env=offline_env(hf_home), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    """`python <args>` in the repo, offline, reading this cache (in a new process:
+    huggingface_hub reads the environment when it is imported)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=offline_env(hf_home),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

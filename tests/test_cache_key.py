@@ -1,4 +1,4 @@
-"""The embedding cache's namespace: everything that decides an embedding, and nothing that doesn't."""
+"""The embedding cache's namespace: all that decides an embedding, and nothing that doesn't."""
 
 from __future__ import annotations
 
@@ -52,10 +52,16 @@ def test_each_input_of_an_embedding_is_a_miss(tmp_path, tiny_backbone, monkeypat
     assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
     others = {
         "checkpoint bytes": _edited_copy(tiny_backbone, tmp_path / "w", _change_weights),
-        "activation": _edited_copy(tiny_backbone, tmp_path / "a",
-                                   lambda d: _change_config(d, "model_cfg", "quick_gelu", True)),
-        "preprocessing": _edited_copy(tiny_backbone, tmp_path / "p", lambda d: _change_config(
-            d, "preprocess_cfg", "interpolation", "bilinear")),
+        "activation": _edited_copy(
+            tiny_backbone,
+            tmp_path / "a",
+            lambda d: _change_config(d, "model_cfg", "quick_gelu", True),
+        ),
+        "preprocessing": _edited_copy(
+            tiny_backbone,
+            tmp_path / "p",
+            lambda d: _change_config(d, "preprocess_cfg", "interpolation", "bilinear"),
+        ),
     }
     for what, model_dir in others.items():
         assert not _hit(root, cache_key(model_dir, "cpu", "fp16")), what
@@ -64,8 +70,11 @@ def test_each_input_of_an_embedding_is_a_miss(tmp_path, tiny_backbone, monkeypat
     real_version = importlib.metadata.version
     for library in embedding_cache.LIBRARIES:
         with monkeypatch.context() as m:
-            m.setattr(importlib.metadata, "version",
-                      lambda name, lib=library: "999.0" if name == lib else real_version(name))
+            m.setattr(
+                importlib.metadata,
+                "version",
+                lambda name, lib=library: "999.0" if name == lib else real_version(name),
+            )
             assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16")), library
     assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
 
@@ -81,8 +90,12 @@ def test_code_meaning_is_a_miss_and_a_comment_is_a_hit(tmp_path, tiny_backbone, 
     root = tmp_path / "cache"
     _cache_with_one_row(root, cache_key(tiny_backbone, "cpu", "fp16"))
 
-    commented = original.replace("    def forward(self, images", "    # a new comment\n    def forward(self, images")
-    commented = commented.replace('"""Image bytes -> uint8 RGB tensor', '"""Bytes of an image -> uint8 RGB')
+    commented = original.replace(
+        "    def forward(self, images", "    # a new comment\n    def forward(self, images"
+    )
+    commented = commented.replace(
+        '"""Image bytes -> uint8 RGB tensor', '"""Bytes of an image -> uint8 RGB'
+    )
     assert commented != original
     module.write_text(commented)
     assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
@@ -106,4 +119,11 @@ def test_the_default_key_covers_the_real_embedding_code(tiny_backbone):
     assert key["open_clip_config"] == json.loads((tiny_backbone / CONFIG_NAME).read_text())
     assert set(key["libraries"]) == {"torch", "torchvision", "open_clip_torch", "timm", "pillow"}
     assert key == cache_key(tiny_backbone, "cpu", "fp32")  # stable between calls
-    assert "tasks.preprocess" in embedding_cache.EMBEDDING_CODE
+    # decoding, preprocessing (both paths), loading and running the model
+    assert set(embedding_cache.EMBEDDING_CODE) == {
+        "tasks.preprocess",
+        "tasks.extract:_Decoded",
+        "tasks.decode:_decode",
+        "tasks.extract:Embedder",
+        "tasks.models:load_backbone",
+    }

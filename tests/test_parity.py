@@ -36,8 +36,13 @@ def _results(done) -> list[dict]:
 
 def test_presets_name_the_backbones_the_issue_lists():
     pairs = preset_backbones()
-    for expected in [("ViT-L-14-336", "openai"), ("ViT-L-14", "laion2b_s32b_b82k"), ("ViT-L-14", "openai"),
-                     ("ViT-H-14", "laion2b_s32b_b79k"), *SIGLIP]:
+    for expected in [
+        ("ViT-L-14-336", "openai"),
+        ("ViT-L-14", "laion2b_s32b_b82k"),
+        ("ViT-L-14", "openai"),
+        ("ViT-H-14", "laion2b_s32b_b79k"),
+        *SIGLIP,
+    ]:
         assert expected in pairs
 
 
@@ -62,11 +67,14 @@ def test_every_preset_backbone_has_open_clips_config_and_preprocessing(tmp_path)
     assert siglip["resize_mode"] == "squash" and siglip["size"] == [384, 384]
 
 
-@pytest.mark.parametrize("arch, tag", [
-    ("ViT-B-32", "openai"),             # QuickGELU tags: ViT-L-14(-336)/openai
-    ("ViT-B-32", "laion2b_s34b_b79k"),  # GELU LAION tags: ViT-L-14, ViT-H-14
-    ("ViT-B-16-SigLIP", "webli"),       # timm SigLIP towers, squash resize: SO400M-14-384
-])
+@pytest.mark.parametrize(
+    "arch, tag",
+    [
+        ("ViT-B-32", "openai"),  # QuickGELU tags: ViT-L-14(-336)/openai
+        ("ViT-B-32", "laion2b_s34b_b79k"),  # GELU LAION tags: ViT-L-14, ViT-H-14
+        ("ViT-B-16-SigLIP", "webli"),  # timm SigLIP towers, squash resize: SO400M-14-384
+    ],
+)
 def test_models_stage_variant_embeds_as_open_clip(tmp_path, arch, tag):
     place_weights(tmp_path / "hf", arch, tag)
     done = run_offline(["-m", "flows.parity", "--outputs", f"{arch}/{tag}"], tmp_path / "hf")
@@ -74,4 +82,18 @@ def test_models_stage_variant_embeds_as_open_clip(tmp_path, arch, tag):
     assert r["preprocess_cfg_equal"]
     assert r["same_input_max_abs_diff"] <= 1e-5 * r["same_input_max_abs"]
     assert r["photo_min_cosine"] >= 0.999 and r["photos"] >= 20
+    assert r["passed"] and done.returncode == 0
+
+
+def test_a_local_weights_file_for_a_tag_keeps_the_tags_activation_and_preprocessing(tmp_path):
+    """models.<variant>.path: the file's weights, the tag's QuickGELU and preprocessing."""
+    weights = place_weights(tmp_path / "hf", "ViT-B-32", "openai")
+    done = run_offline(
+        ["-m", "flows.parity", "--outputs", "--path", str(weights), "ViT-B-32/openai"],
+        tmp_path / "empty-hf",
+    )  # nothing to find there: the file is the only source
+    [r] = _results(done)
+    assert (
+        r["preprocess_cfg_equal"] and r["same_input_max_abs_diff"] <= 1e-5 * r["same_input_max_abs"]
+    )
     assert r["passed"] and done.returncode == 0
