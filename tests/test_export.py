@@ -57,8 +57,9 @@ def test_exportable_resize_computes_the_integers_extraction_computes(mode, inter
         assert (eager - exportable).abs().max() <= 1 and (eager != exportable).float().mean() < 1e-3
 
 
-def test_exported_preprocessing_equals_its_eager_form_for_any_size():
-    pre = Preprocess(64, MEAN, STD, "bicubic", "shortest")
+@pytest.mark.parametrize("interpolation, mode", [("bicubic", "shortest"), ("bilinear", "squash")])
+def test_exported_preprocessing_equals_its_eager_form_for_any_size(interpolation, mode):
+    pre = Preprocess(64, MEAN, STD, interpolation, mode)
     example = torch.randint(0, 256, (2, 3, 50, 70), dtype=torch.uint8)
     program = torch.export.export(pre, (example,), dynamic_shapes=(
         {0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=16, max=4096),
