@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from tasks.names import UnsafeName, check_relative_path
+
 Row = dict[str, str]
 
 LEAVES_FOLDER = "path leaves the dataset folder"
@@ -30,13 +32,17 @@ class LayoutError(ValueError):
 
 
 def leaves_folder(name: str) -> bool:
-    """True for a name read from a dataset's own files that could point outside the dataset.
+    """True for a name read from a dataset's own files that must not become a path.
 
-    Annotation files are outside input: an absolute path, a `..` component or
-    a NUL byte in a name must never reach the filesystem, whatever it is
-    joined to (joining an absolute path to a folder discards the folder).
+    Annotation files are outside input: the names are checked as every name
+    from a source is (tasks/names.py: absolute paths, `..`, drive letters,
+    backslashes, control characters, look-alikes after NFKC, over-long names).
     """
-    return "\x00" in name or name.startswith(("/", "\\")) or ".." in PurePosixPath(name).parts
+    try:
+        check_relative_path(name, source="table", entry="path")
+    except UnsafeName:
+        return True
+    return False
 
 
 def rows_if_present(root: Path, pairs: list[tuple[str, str]],
