@@ -20,6 +20,7 @@ from tqdm import tqdm
 from flows._cli import main
 from tasks import download as dl
 from tasks.fetch import ChecksumMismatch, FetchError, fetch
+from tasks.http_guard import ByteLimit
 from tasks.layouts import LayoutError
 from tasks.params import (DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, PackagePhotosSource,
                           SourceParams, UrlsSource)
@@ -28,7 +29,6 @@ from tasks.schemas import RAW_DIR
 from tasks.urls import UrlRow, fetch_urls, read_url_list
 
 render_views = task(dl.render_photo_views, name="render-views", cache_policy=NO_CACHE)
-fetch_fashion_mnist = task(dl.write_fashion_mnist, name="fetch-fashion-mnist", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
 link_imagefolder = task(dl.link_imagefolder, name="link-imagefolder", cache_policy=NO_CACHE)
 place = task(dl.place_fetched, name="place-file", cache_policy=NO_CACHE)
 
@@ -42,24 +42,34 @@ def _worth_retrying(task, task_run, state) -> bool:
         exc, ChecksumMismatch)
 
 
+fetch_fashion_mnist = task(dl.write_fashion_mnist, name="fetch-fashion-mnist",
+                           cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5,
+                           retry_condition_fn=_worth_retrying)
+
+
 @task(name="fetch-file", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
       retry_condition_fn=_worth_retrying)
-def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = False) -> Path:
+def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = False, *,
+              source: str, limit: ByteLimit) -> Path:
     def grow(n: int) -> None:  # each download adds its size as it starts: bytes/s and an ETA
         bar.total = (bar.total or 0) + n
         bar.refresh()
 
-    path = fetch(item.url, item.sha256, cache, progress=bar.update if bar is not None else None, fresh=fresh,
-                 on_size=grow if bar is not None else None)
+    path = fetch(item.url, item.sha256, cache, progress=bar.update if bar is not None else None,
+                 fresh=fresh, on_size=grow if bar is not None else None,
+                 source=f"sources.{source}", limit=limit)
     get_run_logger().info("fetched %s -> %s", item.url, path)
     return path
 
 
 @task(name="fetch-urls", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
-def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, bar: tqdm | None = None) -> list:
+def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, source: str,
+                    bar: tqdm | None = None) -> list:
     return fetch_urls(rows, cache, concurrency=spec.concurrency, per_host=spec.per_host, retries=spec.retries,
                       timeout_s=spec.timeout_s, backoff_s=spec.backoff_s,
-                      on_done=(lambda _: bar.update(1)) if bar is not None else None)
+                      on_done=(lambda _: bar.update(1)) if bar is not None else None,
+                      limit=ByteLimit(spec.max_image_bytes, f"sources.{source}.max_image_bytes"),
+                      allow_private=spec.allow_private_addresses, source=f"sources.{source}")
 
 
 def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
@@ -68,8 +78,11 @@ def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
     cache = Path(spec.download_cache).resolve()
     items = spec.fetches()
     with tqdm(unit="B", unit_scale=True, desc=f"download[{source}]", mininterval=2.0) as bar:
-        paths = [f.result() for f in fetch_one.map(items, unmapped(cache), unmapped(bar))]
-    bases = [b for b in (f.result() for f in place.map(paths, items, unmapped(root))) if b is not None]
+        limit = ByteLimit(spec.max_download_bytes, f"sources.{source}.max_download_bytes")
+        paths = [f.result() for f in fetch_one.map(items, unmapped(cache), unmapped(bar),
+                                                   source=unmapped(source), limit=unmapped(limit))]
+    placed = place.map(paths, items, unmapped(root), unmapped(spec), unmapped(source))  # archives: extracted
+    bases = [b for b in (f.result() for f in placed) if b is not None]
     dataset_root, rows, skips = dl.read_layout(spec.kind, spec, [root] + bases)
     rows, skips = dl.adopt_rows(dataset_root, rows, skips, root)
     dl.write_skips(skips, root)
@@ -82,13 +95,16 @@ def _urls(source: str, spec: UrlsSource, root: Path) -> list[dict]:
     """Fetch a URL list's images; returns catalog rows (failures go to failures.parquet)."""
     log = get_run_logger()
     cache = Path(spec.download_cache).resolve()
-    listing = fetch_one(Fetch(url=spec.uri, sha256=spec.sha256), cache, fresh=True)  # lists change upstream
+    list_limit = ByteLimit(spec.max_list_bytes, f"sources.{source}.max_list_bytes")
+    listing = fetch_one(Fetch(url=spec.uri, sha256=spec.sha256), cache, fresh=True,  # lists change
+                        source=source, limit=list_limit)
     rows = read_url_list(listing, spec.url_column, spec.label_column)
     chunks = [rows[i:i + URL_CHUNK] for i in range(0, len(rows), URL_CHUNK)]
     start = time.perf_counter()
     with tqdm(total=len(rows), unit="img", desc=f"download[{source}]", mininterval=2.0) as bar:
-        fetched = [r for f in fetch_url_chunk.map(chunks, unmapped(cache / "urls"), unmapped(spec), unmapped(bar))
-                   for r in f.result()]
+        futures = fetch_url_chunk.map(chunks, unmapped(cache / "urls"), unmapped(spec),
+                                      unmapped(source), unmapped(bar))
+        fetched = [r for f in futures for r in f.result()]
     catalog, failures = dl.adopt_urls(fetched, root)
     dl.write_failures(failures, root)
     seconds = time.perf_counter() - start
@@ -111,7 +127,7 @@ def download(source: str, spec: SourceParams) -> int:
             futures = render_views.map(photos, unmapped(root), spec.views, spec.max_side, spec.seed)
             rows = [row for f in futures for row in f.result()]
         elif isinstance(spec, FashionMnistSource):
-            rows = fetch_fashion_mnist(spec.uri, root, spec.per_class)
+            rows = fetch_fashion_mnist(spec, root, source)
         elif isinstance(spec, ImageFolderSource):
             rows = link_imagefolder(Path(spec.path), root)
         elif isinstance(spec, UrlsSource):

@@ -11,15 +11,18 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from tasks import fashion_mnist, layouts
-from tasks.fetch import KAGGLE_HELP, is_archive, kaggle_credentials, local_path, parse_kaggle, safe_extract
+from tasks.archives import ArchiveLimits, is_archive, safe_extract
+from tasks.fetch import KAGGLE_HELP, kaggle_credentials, local_path, parse_kaggle
+from tasks.http_guard import ByteLimit
 from tasks.layouts import Skip
+from tasks.names import check_component, check_relative_path, url_file_name
 from tasks.params import (CsvSource, DatasetSource, DeepFashionC2sSource, FashionMnistSource,
                           Fetch, ImageFolderSource, ParamsError, SourceParams, UrlsSource)
 from tasks.photos import Photo
@@ -82,17 +85,25 @@ def render_photo_views(photo: Photo, root: Path, views: int, size: int, seed: in
         base = im.convert("RGB")
     base.thumbnail((3 * size, 3 * size), Image.Resampling.LANCZOS)
     rows = []
+    label = check_component(photo.label, source="package_photos", entry=str(photo.path))  # a folder
     for i in range(views):
-        rel = Path("images") / photo.label / f"{i:04d}.jpg"
+        rel = Path("images") / label / f"{i:04d}.jpg"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         random_view(base, view_rng(seed, photo.label, i), size).save(root / rel, quality=90)
         rows.append({"path": rel.as_posix(), "label": photo.label})
     return rows
 
 
-def write_fashion_mnist(uri: str, root: Path, per_class: int) -> list[Row]:
-    """Write the first `per_class` training images of each class as PNGs."""
-    images, labels = fashion_mnist.load_fashion_mnist(uri)
+def write_fashion_mnist(spec: FashionMnistSource, root: Path, source: str) -> list[Row]:
+    """Write the first `per_class` training images of each class as PNGs.
+
+    The files come through the shared fetcher (cache, retries, sha256, the source's byte limit).
+    """
+    images, labels = fashion_mnist.load_fashion_mnist(
+        spec.uri, Path(spec.download_cache).resolve(), source=f"sources.{source}",
+        limit=ByteLimit(spec.max_download_bytes, f"sources.{source}.max_download_bytes"),
+        sha256=dict(spec.sha256))
+    per_class = spec.per_class
     rows = []
     for idx in fashion_mnist.first_per_class(labels, per_class):
         name = fashion_mnist.CLASS_NAMES[int(labels[idx])]
@@ -112,8 +123,9 @@ def link_imagefolder(src: Path, root: Path) -> list[Row]:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
     rows, _ = layouts.read_imagefolder(src)
-    for r in rows:
-        link_or_copy(src / r["path"], root / "images" / r["path"])
+    for r in rows:  # names from disk, but labels become folders of a DVC output: checked
+        rel = check_relative_path(r["path"], source=f"imagefolder {src}", entry=r["path"])
+        link_or_copy(src / rel, root / "images" / rel)
     return [{"path": f"images/{r['path']}", "label": r["label"]} for r in rows]
 
 
@@ -141,9 +153,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def place_fetched(path: Path, fetch: Fetch, stage: Path) -> Path | None:
+def place_fetched(path: Path, fetch: Fetch, stage: Path, spec: DatasetSource,
+                  source: str) -> Path | None:
     """Put one fetched file into the staging folder: archives extracted, files linked.
 
+    Archives are extracted within the source's limits (`archive_max_*` in params.yaml).
     A local folder is not copied: it is returned, to be read in place (only
     the images the catalog names are then linked in).
     """
@@ -151,9 +165,13 @@ def place_fetched(path: Path, fetch: Fetch, stage: Path) -> Path | None:
         return path
     target = stage / fetch.into
     if is_archive(path):
-        safe_extract(path, target)
+        limits = ArchiveLimits(spec.archive_max_entries, spec.archive_max_bytes,
+                               spec.archive_max_ratio)
+        safe_extract(path, target, limits, source=f"sources.{source}")
     else:
-        link_or_copy(path, target / (Path(unquote(urlparse(fetch.url).path)).name or path.name))
+        # the URL's file name, decoded then checked: `%2F..%2F` cannot leave the source's folder
+        link_or_copy(path, target / url_file_name(fetch.url, source=f"sources.{source}",
+                                                  default=path.name))
     return None
 
 

@@ -1,210 +1,31 @@
-"""Getting a source's files onto this machine: HTTP with resume, Kaggle, safe extraction.
+"""Getting a source's files onto this machine: HTTP and Kaggle (archives: tasks/archives.py).
 
-- `download` fetches one URL into a cache folder: it resumes a dropped
-  connection with a Range request, retries timeouts, 429 (after its
-  Retry-After) and 5xx with exponential backoff, checks the sha256, and
-  renames the file into place only when it is complete and verified (until
-  then it is `<name>.part`, which nothing reads as a finished download).
-- `safe_extract` unpacks tar / tar.gz / zip after checking every entry:
-  absolute paths, `..` components, links leading outside and device files
-  are refused with the entry's name, before anything is written.
+- `download` (tasks/http_download.py) fetches one URL into the download
+  cache: resumed with If-Range, retried, verified, within a byte limit, on
+  redirects and addresses that tasks/http_guard.py allows.
 - `fetch` turns one `uri` (path, file://, http(s)://, kaggle://) into a
-  local file or folder.
+  local file or folder; names taken from a URL are checked after decoding
+  (tasks/names.py), so a download never lands outside the cache.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import os
-import re
-import stat
-import tarfile
-import time
+import tempfile
 import zipfile
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path, PurePosixPath
-from typing import Callable
-from urllib.parse import unquote, urlparse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote, urlparse, urlsplit
 
-import httpx
-
+# download and its errors are used through this module too (one place to import fetching from)
+from tasks.http_download import (USER_AGENT, ChecksumMismatch, FetchError,  # noqa: F401
+                                 download, retry_after_seconds)
+from tasks.http_guard import ByteLimit, Refused, TooLarge  # noqa: F401
+from tasks.names import (MAX_COMPONENT_BYTES, UnsafeName, check_component, check_relative_path,
+                         url_file_name)
 from tasks.schemas import sha256_file
-
-RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-USER_AGENT = "guie-pipeline (+https://github.com/guie-pipeline)"
-
-
-class FetchError(RuntimeError):
-    """A download failed for good (after its retries, or with a status retrying cannot fix)."""
-
-
-class ChecksumMismatch(FetchError):
-    """The bytes arrived but are not the ones the params promise; nothing was kept."""
-
-
-class UnsafeArchive(ValueError):
-    """An archive entry would land outside the target folder (or is a device file)."""
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, wait: float | None = None):
-        super().__init__(reason)
-        self.wait = wait
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number or an HTTP date (RFC 9110)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_wait(attempt: int, backoff_s: float, hint: float | None, cap: float = 120.0) -> float:
-    """The server's Retry-After when it gives one, else backoff_s * 2^(attempt-1), capped."""
-    return min(cap, hint) if hint is not None else min(cap, backoff_s * 2 ** (attempt - 1))
-
-
-def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 5, backoff_s: float = 1.0,
-             timeout_s: float = 60.0, client: httpx.Client | None = None,
-             progress: Callable[[int], None] | None = None,
-             sleep: Callable[[float], None] = time.sleep,
-             gate: AbstractContextManager | None = None, fresh: bool = False,
-             on_size: Callable[[int], None] | None = None) -> Path:
-    """GET `url` into `dest` (resuming, retrying, verified); returns `dest`.
-
-    Waits between attempts are not spent holding `gate`. `progress` gets
-    each chunk's size, `on_size` once the bytes still to come (for an ETA).
-
-    An existing `dest` is trusted when no sha256 is given or it matches: a
-    rerun fetches nothing it already has (unless `fresh`: small files that
-    change upstream, such as a URL list).
-    """
-    dest = Path(dest)
-    if not fresh and dest.is_file() and (sha256 is None or sha256_file(dest) == sha256.lower()):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    own = client is None
-    client = client or httpx.Client(follow_redirects=True, headers={"User-Agent": USER_AGENT})
-    attempt = 0
-    sized = [on_size is None]
-
-    def size_once(n: int) -> None:
-        if not sized[0]:
-            sized[0] = True
-            on_size(n)
-
-    try:
-        while True:
-            try:
-                with gate or nullcontext():  # e.g. a per-host connection limit, held only while connected
-                    _get_once(client, url, part, timeout_s, progress, size_once)
-                break
-            except (httpx.TransportError, _Retry) as exc:
-                attempt += 1
-                if attempt > retries:
-                    raise FetchError(f"{url}: gave up after {retries} retries ({exc or type(exc).__name__})") from None
-                sleep(backoff_wait(attempt, backoff_s, getattr(exc, "wait", None)))
-    finally:
-        if own:
-            client.close()
-    if sha256:
-        got = sha256_file(part)
-        if got != sha256.lower():
-            part.unlink()
-            raise ChecksumMismatch(f"{url}: sha256 is {got}, params expect {sha256.lower()}; "
-                                   "the download was deleted (a changed file upstream, or a wrong sha256 in params.yaml)")
-    os.replace(part, dest)
-    return dest
-
-
-def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
-              progress: Callable[[int], None] | None, on_size: Callable[[int], None]) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with client.stream("GET", url, headers=headers, timeout=timeout_s) as r:
-        if r.status_code == 416 and have:  # our .part is already whole (or stale): start over
-            part.unlink()
-            raise _Retry("range not satisfiable", wait=0.0)
-        if r.status_code in RETRY_STATUS or r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code}", wait=retry_after_seconds(r.headers.get("Retry-After")))
-        if r.status_code not in (200, 206):
-            raise FetchError(f"{url}: HTTP {r.status_code} {r.reason_phrase}")
-        resumed = r.status_code == 206
-        length = r.headers.get("Content-Length")
-        expected = (have if resumed else 0) + int(length) if length and length.isdigit() else None
-        if length and length.isdigit():
-            on_size(int(length))
-        with open(part, "ab" if resumed else "wb") as fh:
-            for chunk in r.iter_bytes(1 << 20):
-                fh.write(chunk)
-                if progress:
-                    progress(len(chunk))
-    size = part.stat().st_size
-    if expected is not None and size < expected:
-        raise _Retry(f"connection dropped at {size} of {expected} bytes", wait=0.0)
-
-
-# --------------------------------------------------------------------- archives
-
-
-def is_archive(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip"))
-
-
-def _check_name(name: str, archive: Path) -> PurePosixPath:
-    posix = name.replace("\\", "/")
-    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix):
-        raise UnsafeArchive(f"{archive.name}: entry {name!r} has an absolute path; refusing to extract the archive")
-    rel = PurePosixPath(posix)
-    if ".." in rel.parts:
-        raise UnsafeArchive(f"{archive.name}: entry {name!r} climbs out with '..'; refusing to extract the archive")
-    return rel
-
-
-def _inside(root: Path, rel: PurePosixPath) -> bool:
-    target = os.path.normpath(os.path.join(root, *rel.parts))
-    return target == str(root) or target.startswith(str(root) + os.sep)
-
-
-def safe_extract(archive: Path, dest: Path) -> int:
-    """Extract a tar/zip into `dest` after vetting every entry; returns the number of files."""
-    dest = Path(dest).resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            for info in infos:
-                _check_name(info.filename, archive)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise UnsafeArchive(f"{archive.name}: entry {info.filename!r} is a symbolic link; refusing to extract")
-            zf.extractall(dest)
-            return sum(not i.is_dir() for i in infos)
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for m in members:
-                rel = _check_name(m.name, archive)
-                if m.isdev() or m.isfifo():
-                    raise UnsafeArchive(f"{archive.name}: entry {m.name!r} is a device or pipe; refusing to extract")
-                if m.issym() or m.islnk():
-                    base = rel.parent if m.issym() else PurePosixPath()
-                    link = m.linkname.replace("\\", "/")
-                    if link.startswith("/") or not _inside(dest, base / PurePosixPath(link)):
-                        raise UnsafeArchive(f"{archive.name}: link {m.name!r} -> {m.linkname!r} points outside the "
-                                            "target folder; refusing to extract")
-            tf.extractall(dest, filter="data")  # the stdlib's own guard, on top of ours
-            return sum(m.isfile() for m in members)
-    raise UnsafeArchive(f"{archive.name}: neither a tar nor a zip archive")
 
 
 # ------------------------------------------------------------------------ kaggle
@@ -237,57 +58,189 @@ def parse_kaggle(uri: str) -> tuple[str, str]:
     raise ValueError(f"{uri!r}: expected kaggle://competitions/<name> or kaggle://datasets/<owner>/<name>")
 
 
-def kaggle_download(uri: str, cache: Path) -> Path:
-    """Download a Kaggle competition's or dataset's files (a zip) into `cache`; returns the zip."""
+def kaggle_download(uri: str, cache: Path, limit: ByteLimit | None = None,
+                    api: Any = None) -> Path:
+    """Download a Kaggle competition's or dataset's files (one zip) into `cache`; returns the zip.
+
+    Kaggle's client resumes a partial zip without If-Range and skips one it finds in its folder,
+    so it downloads into a fresh temporary folder (`force`: never a resume); the zip is checked
+    (`check_kaggle_zip`) and only then moved into place beside a record of its size. Only a zip
+    with that record is reused. `api` is an authenticated KaggleApi (made here when None).
+    """
     kind, ref = parse_kaggle(uri)
-    if not kaggle_credentials():
-        raise FetchError(f"{uri}: no Kaggle credentials found. {KAGGLE_HELP}")
-    try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    except ImportError:
-        raise FetchError(f"{uri}: the kaggle package is not installed: pip install 'guie-pipeline[kaggle]'") from None
-    api = KaggleApi()
-    api.authenticate()
     out = cache / "kaggle" / kind / ref.replace("/", "__")
+    if done := [z for z in sorted(out.glob("*.zip")) if _verified(z)]:
+        return done[0]
+    if api is None:
+        if not kaggle_credentials():
+            raise FetchError(f"{uri}: no Kaggle credentials found. {KAGGLE_HELP}")
+        # With VERBOSE or VERBOSE_OUTPUT set when it is imported, the client prints every
+        # request with its headers (the token), and its import already sends one; a
+        # stage's output ends up in CI and Prefect logs.
+        verbose = {k: os.environ.pop(k) for k in ("VERBOSE", "VERBOSE_OUTPUT") if k in os.environ}
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+        except ImportError:
+            raise FetchError(f"{uri}: the kaggle package is not installed: "
+                             "pip install 'guie-pipeline[kaggle]'") from None
+        finally:
+            os.environ.update(verbose)
+        api = KaggleApi()
+        with _kaggle_errors(uri):
+            api.authenticate()
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "competitions":
-        api.competition_download_files(ref, path=str(out), quiet=False)
-    else:
-        api.dataset_download_files(ref, path=str(out), quiet=False, unzip=False)
-    zips = sorted(out.glob("*.zip"))
-    if not zips:
-        raise FetchError(f"{uri}: Kaggle returned no archive in {out}")
-    return zips[0]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        with _kaggle_errors(uri):
+            if kind == "competitions":
+                api.competition_download_files(ref, path=tmp, force=True, quiet=False)
+            else:
+                api.dataset_download_files(ref, path=tmp, force=True, quiet=False, unzip=False)
+        zips = sorted(Path(tmp).glob("*.zip"))
+        if len(zips) != 1:
+            raise FetchError(f"{uri}: expected one zip from Kaggle, got {[z.name for z in zips]}")
+        check_kaggle_zip(uri, zips[0], limit, kaggle_listed_sizes(api, kind, ref))
+        final = out / check_component(zips[0].name, source=uri, entry=zips[0].name)
+        os.replace(zips[0], final)
+        record = final.with_name(final.name + VERIFIED)
+        record.write_text(str(final.stat().st_size), encoding="utf-8")
+    return final
+
+
+@contextmanager
+def _kaggle_errors(uri: str) -> Iterator[None]:
+    """Turn the Kaggle client's errors into a FetchError that holds only their message.
+
+    requests' errors keep the request, Authorization header included, and
+    Prefect pickles a failed task's exception into its result storage; a new
+    exception carries the text and nothing else (its cause is not pickled).
+    """
+    try:
+        yield
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError(f"{uri}: Kaggle: {type(exc).__name__}: {exc}") from None
+
+
+VERIFIED = ".verified"  # beside a Kaggle zip: its size once checked; nothing else is reused
+
+
+def _verified(zip_path: Path) -> bool:
+    record = zip_path.with_name(zip_path.name + VERIFIED)
+    try:
+        return int(record.read_text(encoding="utf-8")) == zip_path.stat().st_size
+    except (OSError, ValueError):
+        return False
+
+
+def kaggle_listed_sizes(api: Any, kind: str, ref: str,
+                        max_pages: int = 20) -> dict[str, int] | None:
+    """{file name: bytes} as Kaggle's API lists the files, or None when it gives no usable list.
+
+    Datasets with a few thousand files list in a few calls; ImageNet or GLDv2 (over a million
+    files) would take thousands, so past `max_pages` the listing is not used (the zip's own
+    CRC-32s are still checked when it is extracted).
+    """
+    lister = api.competition_list_files if kind == "competitions" else api.dataset_list_files
+    sizes: dict[str, int] = {}
+    token = None
+    for _ in range(max_pages):
+        try:
+            page = lister(ref, page_token=token, page_size=200)
+        except Exception:  # noqa: BLE001 - a client that cannot list: no check, not a failure
+            return None
+        for f in getattr(page, "files", None) or []:
+            size = getattr(f, "total_bytes", None)
+            size = getattr(f, "totalBytes", None) if size is None else size
+            if getattr(f, "name", None) and isinstance(size, int):
+                sizes[f.name] = size
+        token = getattr(page, "next_page_token", None) or getattr(page, "nextPageToken", None)
+        if not token:
+            return sizes or None
+    return None
+
+
+def check_kaggle_zip(uri: str, path: Path, limit: ByteLimit | None,
+                     listed: dict[str, int] | None) -> None:
+    """Refuse a Kaggle zip over `limit`, one that is not a whole zip (a truncated download has no
+    central directory), or one whose members differ from the sizes Kaggle lists."""
+    if limit:
+        limit.check(uri, path.stat().st_size)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise FetchError(f"{uri}: Kaggle's download {path.name} is not a whole zip ({exc}); "
+                         "it was deleted") from None
+    if not listed or not set(listed) & set(members):
+        return  # no listing, or it names files differently from the zip: nothing to compare
+    missing = sorted(set(listed) - set(members))
+    wrong = sorted(n for n in set(listed) & set(members) if listed[n] != members[n])
+    if missing or wrong:
+        raise FetchError(f"{uri}: Kaggle's zip differs from its file list: missing {missing[:5]}, "
+                         f"sizes differ for {wrong[:5]}; it was deleted")
 
 
 # ------------------------------------------------------------------------- fetch
 
 
-def cache_name(url: str) -> str:
-    """Where a URL's download lives in the cache: a hash of the URL, then its file name."""
-    name = unquote(Path(urlparse(url).path).name) or "download"
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+PART_SUFFIXES = ".part.meta.json"  # the longest name download() puts beside a cache file
 
 
-def local_path(url: str) -> Path | None:
-    """The file or folder a path or file:// uri names; None for http(s):// and kaggle://."""
-    parsed = urlparse(url)
+def cache_name(url: str, source: str = "download") -> str:
+    """Where a URL's download lives in the cache: a hash of the URL, then its file name.
+
+    The file name is percent-decoded first and then checked (tasks/names.py), so `%2F..%2F`, a
+    NUL or a fullwidth `．．／` cannot make it a path; it leaves room for `.part.meta.json`.
+    """
+    name = url_file_name(url, source=source, default="download")
+    full = f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if len((full + PART_SUFFIXES).encode("utf-8")) > MAX_COMPONENT_BYTES:
+        raise UnsafeName(f"{source}: {url}: refused name {name[:60]!r}...: with the cache's hash "
+                         f"and suffixes it is over the file system's {MAX_COMPONENT_BYTES} bytes")
+    return full
+
+
+def cache_path(cache: Path, url: str, source: str = "download") -> Path:
+    """`cache / cache_name(url)`, verified to be a file directly inside `cache`."""
+    cache = Path(os.path.abspath(cache))
+    path = Path(os.path.normpath(cache / cache_name(url, source)))
+    if path.parent != cache:
+        raise UnsafeName(f"{source}: {url}: refused: its cache file {path} is outside {cache}")
+    return path
+
+
+def local_path(url: str, source: str = "download") -> Path | None:
+    """The file or folder a path or file:// uri names; None for http(s):// and kaggle://.
+
+    A file:// path is percent-decoded and then checked: it names a file on this machine (no other
+    host), with no `..`, NUL or encoded separator inside a name.
+    """
+    parsed = urlsplit(url)
     if parsed.scheme in ("http", "https", "kaggle"):
         return None
     if parsed.scheme not in ("", "file"):
         raise ValueError(f"{url!r}: allowed are a path, file://, http(s):// and kaggle://")
-    return Path(unquote(parsed.path) if parsed.scheme == "file" else url)
+    if parsed.scheme == "":
+        return Path(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise UnsafeName(f"{source}: {url}: refused: file:// names host {parsed.netloc!r}; "
+                         "give a local path as file:///<path>")
+    decoded = unquote(parsed.path)
+    return Path("/") / check_relative_path(decoded.lstrip("/"), source=source, entry=url)
 
 
 def fetch(url: str, sha256: str | None, cache: Path, progress: Callable[[int], None] | None = None,
-          fresh: bool = False, on_size: Callable[[int], None] | None = None) -> Path:
-    """A local path for one uri: local paths as they are, http(s) downloaded, kaggle through its API."""
-    path = local_path(url)
+          fresh: bool = False, on_size: Callable[[int], None] | None = None, *,
+          source: str = "download", limit: ByteLimit | None = None) -> Path:
+    """A local path for one uri: local paths as they are, http(s) downloaded (within `limit`) into
+    `cache`, kaggle through its API. `source` names where the uri came from in errors."""
+    path = local_path(url, source)
     if path is None:
-        if urlparse(url).scheme == "kaggle":
-            return kaggle_download(url, cache)
-        return download(url, cache / cache_name(url), sha256, progress=progress, fresh=fresh and not sha256,
-                        on_size=on_size)
+        if urlsplit(url).scheme == "kaggle":
+            return kaggle_download(url, cache, limit)
+        return download(url, cache_path(cache, url, source), sha256, progress=progress,
+                        fresh=fresh and not sha256, on_size=on_size, limit=limit)
     if not path.exists():
         raise FileNotFoundError(f"{url}: no such file or folder")
     if sha256 and path.is_file() and (got := sha256_file(path)) != sha256.lower():

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
+MiB, GiB = 1 << 20, 1 << 30
 
 
 class ParamsError(ValueError):
@@ -80,12 +81,19 @@ class PackagePhotosSource(_Section):
 
 
 class FashionMnistSource(_Section):
-    """Fashion-MNIST in its published IDX layout, read from any URL urllib opens."""
+    """Fashion-MNIST in its published IDX layout, at a folder path, file:// or http(s):// URL."""
 
     kind: Literal["fashion_mnist"]
     uri: str
     # Images written per class; sampling later picks `sample.samples` of them.
     per_class: int = Field(200, ge=1, le=6000)
+    # sha256 of each file, for a copy that is neither the published one nor Debian's
+    # (both are known to tasks/fashion_mnist.py and checked when this is empty).
+    sha256: dict[Literal["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"],
+                 Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(default_factory=dict)
+    # The published training images are 26 MB; 64 MiB leaves room and stops a runaway server.
+    max_download_bytes: int = Field(64 * MiB, ge=1)
+    download_cache: str = ".cache/downloads"
 
 
 class ImageFolderSource(_Section):
@@ -125,6 +133,19 @@ class DatasetSource(_Section):
     uri: Union[str, list[Union[str, Fetch]]]
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # of `uri`, when it is one file
     download_cache: str = ".cache/downloads"
+    # Bytes per downloaded file, so a wrong URL or a hostile server cannot fill the disk. The
+    # largest published files of these kinds (Products-10K's and RP2K's zips, DeepFashion's
+    # img.zip, GLDv2's 500 MB tars) are well under 64 GiB; ImageNet and GLR2021 raise it.
+    max_download_bytes: int = Field(64 * GiB, ge=1)
+    # Limits per archive extracted (tasks/archives.py), so a bomb stops before it fills the disk.
+    # Entries: Kaggle's ImageNet zip, the largest a preset reads, lists about 2.0M (1.28M train,
+    # 150k val/test images, 0.6M box XMLs), GLR2021's about 1.6M, a GLDv2 tar about 8,000.
+    archive_max_entries: int = Field(5_000_000, ge=1)
+    # Bytes written: ImageNet's zip expands to about 160 GB, GLR2021's to about 105 GB.
+    archive_max_bytes: int = Field(256 * GiB, ge=1)
+    # Bytes written per byte of archive: images expand about 1:1 and text 3-10:1, while
+    # zeros deflate 1000:1 (bzip2, xz far more). Checked on bytes written, past 1 MiB.
+    archive_max_ratio: float = Field(200.0, ge=1.0)
 
     @model_validator(mode="after")
     def _sha_only_for_one_file(self) -> "DatasetSource":
@@ -144,6 +165,8 @@ class ImageNetSource(DatasetSource):
     """Kaggle's ImageNet Object Localization Challenge: ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG."""
 
     kind: Literal["imagenet"]
+    # Kaggle's imagenet-object-localization-challenge.zip is about 155 GiB.
+    max_download_bytes: int = Field(256 * GiB, ge=1)
 
 
 class Products10kSource(DatasetSource):
@@ -156,6 +179,8 @@ class LandmarksSource(DatasetSource):
     """Google Landmarks v2 / GLR2021: train.csv (id, landmark_id), train/<a>/<b>/<c>/<id>.jpg."""
 
     kind: Literal["landmarks"]
+    # Kaggle's landmark-recognition-2021 zip is about 100 GiB (GLDv2's own tars are 500 MB each).
+    max_download_bytes: int = Field(256 * GiB, ge=1)
 
 
 class Rp2kSource(DatasetSource):
@@ -209,6 +234,14 @@ class UrlsSource(_Section):
     timeout_s: float = Field(30.0, gt=0.0)
     backoff_s: float = Field(1.0, ge=0.0)       # first retry's wait; doubles each time
     download_cache: str = ".cache/downloads"
+    # Bytes per image: camera JPEGs are 2-20 MB and the shard stage downscales to 512 px anyway;
+    # more is a mislabelled video or archive, or a server that never stops.
+    max_image_bytes: int = Field(50 * MiB, ge=1)
+    # Bytes of the list itself: GLDv2's train.csv with URLs (4.1M rows) is about 500 MB.
+    max_list_bytes: int = Field(4 * GiB, ge=1)
+    # A third party's list may name hosts inside your network (127.0.0.1, 10.x, 169.254.169.254
+    # cloud metadata): refused, on every redirect hop too, unless this is true.
+    allow_private_addresses: bool = False
 
 
 SourceParams = Annotated[

@@ -5,7 +5,10 @@ timeouts, 429 + Retry-After and 5xx; atomic rename), under two limits shared
 by all threads of the process: `concurrency` connections in all and
 `per_host` to any one host, so a list dominated by one CDN does not hammer
 it. An image already in the cache is not fetched again, so a rerun fetches
-only what is missing or failed before. Failures are returned, not raised.
+only what is missing or failed before. Failures are returned, not raised:
+refusals too (a file name that decodes to a path, a host on a private
+address, a redirect off http(s), an image over its byte limit), each with
+its reason, for failures.parquet.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import httpx
 import polars as pl
 
 from tasks.fetch import USER_AGENT, FetchError, download
+from tasks.http_guard import ByteLimit
 from tasks.images import IMAGE_SUFFIXES
+from tasks.names import url_file_name
 
 
 @dataclass(frozen=True)
@@ -41,17 +46,22 @@ class Fetched:
 
 def read_url_list(path: Path, url_column: str, label_column: str) -> list[UrlRow]:
     """The rows of a CSV or Parquet URL list; a missing column is a clear error."""
-    frame = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=0)
+    frame = (pl.read_parquet(path) if path.suffix.lower() == ".parquet"
+             else pl.read_csv(path, infer_schema_length=0))
     missing = [c for c in (url_column, label_column) if c not in frame.columns]
     if missing:
         raise ValueError(f"{path.name}: missing columns {missing}; it has {frame.columns}")
     return [UrlRow(str(u), str(l)) for u, l in zip(frame[url_column], frame[label_column])]
 
 
-def cached_path(cache: Path, url: str) -> Path:
-    """Content of `url` lives at <cache>/<h[:2]>/<h><suffix>, h = sha256(url)."""
+def cached_path(cache: Path, url: str, source: str = "urls") -> Path:
+    """Content of `url` lives at <cache>/<h[:2]>/<h><suffix>, h = sha256(url).
+
+    The suffix comes from the URL's file name, decoded and checked first: a name that decodes
+    to a path (`%2F`, `..`, NUL, a fullwidth solidus) is refused (UnsafeName), not guessed around.
+    """
     digest = hashlib.sha256(url.encode()).hexdigest()[:32]
-    suffix = Path(urlparse(url).path).suffix.lower()
+    suffix = Path(url_file_name(url, source=source, default="")).suffix.lower()
     return cache / digest[:2] / f"{digest}{suffix if suffix in IMAGE_SUFFIXES else '.jpg'}"
 
 
@@ -65,7 +75,7 @@ class Limits:
         self.total = threading.BoundedSemaphore(concurrency)
         self.per_host = per_host
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
-        self.client = httpx.Client(follow_redirects=True, headers={"User-Agent": USER_AGENT},
+        self.client = httpx.Client(headers={"User-Agent": USER_AGENT},  # redirects: checked hops
                                    limits=httpx.Limits(max_connections=concurrency,
                                                        max_keepalive_connections=concurrency))
 
@@ -98,22 +108,30 @@ class _Gate:
 
 
 def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: int, retries: int,
-               timeout_s: float, backoff_s: float, on_done: Callable[[Fetched], None] | None = None,
-               ) -> list[Fetched]:
-    """Fetch every row (already-cached ones return at once); results keep the rows' order."""
+               timeout_s: float, backoff_s: float,
+               on_done: Callable[[Fetched], None] | None = None, limit: ByteLimit | None = None,
+               allow_private: bool = False, source: str = "urls") -> list[Fetched]:
+    """Fetch every row (already-cached ones return at once); results keep the rows' order.
+
+    Each image is at most `limit` bytes; hosts (and redirect hops) must resolve to public
+    addresses unless `allow_private`: a third party's list must not reach into your network.
+    """
     limits = Limits.shared(concurrency, per_host)
 
     def one(row: UrlRow) -> Fetched:
         try:
-            path = download(row.url, cached_path(cache, row.url), retries=retries, backoff_s=backoff_s,
-                            timeout_s=timeout_s, client=limits.client, gate=limits.gate(row.url))
+            path = download(row.url, cached_path(cache, row.url, source), retries=retries,
+                            backoff_s=backoff_s, timeout_s=timeout_s, client=limits.client,
+                            gate=limits.gate(row.url), limit=limit, public_only=not allow_private)
             result = Fetched(row.url, row.label, path)
         except (FetchError, httpx.HTTPError, OSError, ValueError) as exc:
-            result = Fetched(row.url, row.label, None, str(exc).removeprefix(f"{row.url}: ") or type(exc).__name__)
+            why = str(exc).removeprefix(f"{source}: ").removeprefix(f"{row.url}: ")
+            result = Fetched(row.url, row.label, None, why or type(exc).__name__)
         if on_done:
             on_done(result)
         return result
 
     # threads wait on the gates, so more threads than connections keeps every connection busy
-    with ThreadPoolExecutor(max_workers=min(len(rows), concurrency * 2) or 1, thread_name_prefix="fetch") as pool:
+    workers = min(len(rows), concurrency * 2) or 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
         return list(pool.map(one, rows))

@@ -1,19 +1,16 @@
-"""Downloads against a real loopback HTTP server: resume, retries, 429, checksums; safe extraction."""
+"""Downloads against a real loopback HTTP server: resume, retries, 429, checksums (archives: test_archives.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 import time
-import zipfile
 
 import pytest
 
 from loopback import Fault, Loopback
-from tasks.fetch import (ChecksumMismatch, FetchError, UnsafeArchive, download, kaggle_credentials, parse_kaggle,
-                         retry_after_seconds, safe_extract)
+from tasks.fetch import (ChecksumMismatch, FetchError, download, kaggle_credentials, parse_kaggle,
+                         retry_after_seconds)
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -82,53 +79,6 @@ def test_a_completed_download_is_not_fetched_again(server, tmp_path):
     download(f"{server.url}/data.tar", tmp_path / "d", SHA)
     download(f"{server.url}/data.tar", tmp_path / "d", SHA)
     assert len(server.requests_for("/data.tar")) == 1
-
-
-def _tar(members: list[tarfile.TarInfo], data: bytes = b"x") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for m in members:
-            tf.addfile(m, io.BytesIO(data) if m.isfile() else None)
-    return buf.getvalue()
-
-
-def _info(name: str, **kw) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = 1 if kw.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
-    for k, v in kw.items():
-        setattr(info, k, v)
-    return info
-
-
-@pytest.mark.parametrize("evil, message", [
-    (_info("../evil.txt"), "climbs out with '..'"),
-    (_info("ok/../../evil.txt"), "climbs out with '..'"),
-    (_info("/tmp/evil.txt"), "absolute path"),
-    (_info("ok/link", type=tarfile.SYMTYPE, linkname="../../evil.txt"), "points outside"),
-    (_info("ok/hard", type=tarfile.LNKTYPE, linkname="/etc/passwd"), "points outside"),
-])
-def test_unsafe_tar_entries_are_refused_before_anything_is_written(tmp_path, evil, message):
-    archive = tmp_path / "a.tar.gz"
-    archive.write_bytes(_tar([_info("good.txt"), evil]))
-    target = tmp_path / "box" / "out"
-    with pytest.raises(UnsafeArchive, match=message):
-        safe_extract(archive, target)
-    assert not (target / "good.txt").exists()  # vetted first: not even the good entry
-    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "box" / "evil.txt").exists()
-
-
-def test_zip_with_absolute_path_is_refused_and_a_clean_one_extracts(tmp_path):
-    bad = tmp_path / "bad.zip"
-    with zipfile.ZipFile(bad, "w") as zf:
-        zf.writestr("fine.txt", b"1")
-        zf.writestr(zipfile.ZipInfo("/abs/evil.txt"), b"2")
-    with pytest.raises(UnsafeArchive, match="absolute path"):
-        safe_extract(bad, tmp_path / "out")
-    assert not (tmp_path / "out" / "fine.txt").exists() and not (tmp_path / "abs").exists()
-    good = tmp_path / "good.zip"
-    with zipfile.ZipFile(good, "w") as zf:
-        zf.writestr("d/训练.txt", b"1")
-    assert safe_extract(good, tmp_path / "ok") == 1 and (tmp_path / "ok" / "d" / "训练.txt").read_bytes() == b"1"
 
 
 def test_kaggle_uris_and_missing_credentials(tmp_path, monkeypatch):

@@ -310,7 +310,8 @@ def test_url_list_concurrent_per_host_limit_retries_failures_and_rerun(in_tmp, s
     server.faults["/img/4.jpg"] = Fault(errors=[429], retry_after="0")
     lines += [f"{server.url}/gone/{i}.jpg,class 0" for i in range(2)]  # 404: recorded, not retried
     server.files["/list.csv"] = ("\n".join(lines) + "\n").encode()
-    spec = UrlsSource(kind="urls", uri=f"{server.url}/list.csv", concurrency=8, per_host=3, backoff_s=0.01)
+    spec = UrlsSource(kind="urls", uri=f"{server.url}/list.csv", concurrency=8, per_host=3, backoff_s=0.01,
+                      allow_private_addresses=True)  # the loopback server is on 127.0.0.1
     assert download("web", spec) == 24
     assert server.max_active <= 3 + 1  # per-host limit (+1: the list itself is fetched before)
     failures = pl.read_parquet(RAW_DIR / "web" / "failures.parquet")

@@ -1,0 +1,95 @@
+"""A third party's URL list cannot hurt: every refusal is a row of failures.parquet with its
+reason (names, private addresses on any hop, redirects off http, oversized images)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import polars as pl
+import pytest
+
+from conftest import jpeg_bytes
+from loopback import Fault, Loopback
+from tasks import http_guard
+from tasks.params import UrlsSource
+from tasks.schemas import RAW_DIR
+from test_fetch_guard import EVIL_NAMES as ALL_EVIL
+
+# a URL list's images are cached under a hash of the URL: a long name is refused only past NAME_MAX
+EVIL_NAMES = {k: v for k, v in ALL_EVIL.items() if k != "cache name over NAME_MAX"}
+
+
+@pytest.fixture
+def server():
+    with Loopback() as srv:
+        yield srv
+
+
+@pytest.fixture
+def localhost_is_public(monkeypatch):
+    """Declare `localhost` a public host (offline, DNS is the one thing a test cannot run), so the
+    loopback server stands for the internet and 127.0.0.1 for an address inside your network."""
+    real = http_guard.resolve_host
+    monkeypatch.setattr(http_guard, "resolve_host", lambda host, port: (
+        {ipaddress.ip_address("93.184.216.34")} if host == "localhost" else real(host, port)))
+
+
+def failures() -> dict[str, str]:
+    table = pl.read_parquet(RAW_DIR / "web" / "failures.parquet")
+    return dict(zip(table["url"], table["error"]))
+
+
+def test_every_refusal_is_recorded_with_its_reason(in_tmp, server, localhost_is_public):
+    from flows.download import download
+
+    port = server.server.server_address[1]
+    public, private = f"http://localhost:{port}", f"http://127.0.0.1:{port}"
+    for i in range(3):
+        server.files[f"/img/{i}.jpg"] = jpeg_bytes(i)
+    server.files["/inside/1.jpg"] = jpeg_bytes(1)
+    server.files["/big.jpg"] = jpeg_bytes(7, (1200, 900))
+    server.faults["/to-private.jpg"] = Fault(redirect=f"{private}/img/0.jpg")
+    server.faults["/to-ftp.jpg"] = Fault(redirect="ftp://example.org/x.jpg")
+    server.faults["/to-metadata.jpg"] = Fault(redirect="http://169.254.169.254/latest/meta-data/")
+    refused = {
+        f"{private}/inside/1.jpg": "refused address: 127.0.0.1, a loopback address",
+        f"http://10.1.2.3:{port}/img/2.jpg": "refused address: 10.1.2.3, a private address",
+        f"{public}/to-private.jpg": "refused address: 127.0.0.1, a loopback address",
+        f"{public}/to-metadata.jpg": "169.254.169.254, a link-local address",
+        f"{public}/to-ftp.jpg": "only http(s) redirects are followed",
+        f"{public}/big.jpg": "over sources.web.max_image_bytes = 20000",
+    }
+    for segment in EVIL_NAMES.values():
+        server.files[f"/img/{segment}"] = b"#!/bin/sh\n"
+        refused[f"{public}/img/{segment}"] = "refused"
+    ok = [f"{public}/img/{i}.jpg" for i in range(3)]
+    lines = ["url,label"] + [f"{u},c{i % 2}" for i, u in enumerate(ok + list(refused))]
+    server.files["/list.csv"] = ("\n".join(lines) + "\n").encode()
+    spec = UrlsSource(kind="urls", uri=f"{private}/list.csv", max_image_bytes=20_000, retries=0)
+    assert download("web", spec) == 3  # the list itself is the user's: it may live anywhere
+    got = failures()
+    assert set(got) == set(refused)
+    for url, why in refused.items():
+        assert why in got[url], (url, got[url])
+    for segment in EVIL_NAMES.values():
+        assert "refused name" in got[f"{public}/img/{segment}"]
+    asked = {r.path for r in server.requests}
+    assert not asked & {f"/img/{s}" for s in EVIL_NAMES.values()}  # refused from the name alone
+    assert "/inside/1.jpg" not in asked  # a private host is refused before it is asked
+    everything = {p.name for p in in_tmp.rglob("*")}
+    assert not any("evil" in name for name in everything)  # nothing written anywhere
+    assert not [p for p in in_tmp.rglob("*.part*")]  # no partial download left behind
+
+
+def test_private_addresses_are_fetched_when_the_source_allows_them(in_tmp, server):
+    from flows.download import download
+
+    server.files["/img/0.jpg"] = jpeg_bytes(0)
+    server.files["/img/1.jpg"] = jpeg_bytes(1)
+    lines = ["url,label", f"{server.url}/img/0.jpg,a", f"{server.url}/img/1.jpg,b"]
+    server.files["/list.csv"] = ("\n".join(lines) + "\n").encode()
+    spec = UrlsSource(kind="urls", uri=f"{server.url}/list.csv", retries=0)
+    with pytest.raises(Exception, match="no usable images"):  # all refused: a loopback host
+        download("web", spec)
+    assert [r.path for r in server.requests] == ["/list.csv"]
+    assert download("web", spec.model_copy(update={"allow_private_addresses": True})) == 2
