@@ -1,8 +1,11 @@
-"""Bring any image file to an 8-bit RGB JPEG, or say precisely why it can't be.
+"""Bring any image file to an upright 8-bit RGB JPEG, or say precisely why it can't be.
 
 Real datasets hold CMYK JPEGs, 16-bit PNGs, palette images with
 transparency, truncated downloads and empty files. Each is converted or
 rejected with a reason; none crashes a stage and none vanishes silently.
+Phone and camera photos store their pixels as the sensor saw them and an
+EXIF orientation tag saying how to display them; the tag is applied here,
+so shards (whose JPEGs carry no tag) and the embedder see what a person sees.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 # A truncated file is an error to record, not an image to pad with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -19,6 +22,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # File endings treated as images when a folder is walked (user folders, embed CLI).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+# Where PIL keeps metadata that may hold an orientation (EXIF block, PNG text, XMP).
+_METADATA_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 
 class BadImage(ValueError):
@@ -44,11 +51,35 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
     return im.convert("RGB"), f"{mode} to RGB"
 
 
+def _upright(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """Apply the EXIF orientation tag (2..8); returns the image and a note if it turned.
+
+    Decoders hand over the stored pixels, and browsers, phones and viewers
+    show them turned by the tag; an unreadable or out-of-range tag is shown
+    as stored by them, so it is here too.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": shown as stored
+        orientation = im.getexif().get(ExifTags.Base.Orientation)
+    if orientation not in range(2, 9):
+        return im, None
+    # exif_transpose rewrites the metadata it finds without the tag, and a hostile
+    # block (a tag of the wrong type) fails that rewrite; the JPEG written from
+    # here carries no metadata, so it is given the orientation alone.
+    only_tag = Image.Exif()
+    only_tag[ExifTags.Base.Orientation] = int(orientation)
+    for key in _METADATA_KEYS:
+        im.info.pop(key, None)
+    im.info["exif"] = only_tag.tobytes()
+    return ImageOps.exif_transpose(im), f"EXIF orientation {int(orientation)} applied"
+
+
 def normalize_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, str | None]:
     """Return (JPEG bytes, conversion note or None); raise BadImage with a reason.
 
-    An RGB JPEG that already fits is passed through byte for byte, so shards
-    don't add a second round of compression to what the source published.
+    An upright RGB JPEG that already fits is passed through byte for byte, so
+    shards don't add a second round of compression to what the source
+    published; one with an orientation tag is turned and re-encoded without it.
     """
     if not data:
         raise BadImage("empty file (0 bytes)")
@@ -66,9 +97,11 @@ def normalize_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, st
         raise BadImage(f"corrupt or truncated image: {exc}") from None
     if min(size) < 1:
         raise BadImage(f"degenerate size {size}")
-    if fmt == "JPEG" and im.mode == "RGB" and max(size) <= max_side:
+    im, turned = _upright(im)
+    if fmt == "JPEG" and im.mode == "RGB" and max(size) <= max_side and turned is None:
         return data, None
     rgb, note = _to_rgb(im)
+    note = "; ".join(filter(None, [note, turned])) or None
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         note = "; ".join(filter(None, [note, f"downscaled from {size[0]}x{size[1]}"]))

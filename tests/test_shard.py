@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,34 @@ def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def png_bomb(pixels: int) -> bytes:
+    """A real, complete 1-bit PNG of about `pixels` zeros: a few KB on disk, every pixel decodable.
+
+    That is how a decompression bomb looks; the pixel limit must refuse it
+    from its header, before the decoder allocates anything.
+    """
+    side = math.isqrt(pixels) + 1
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit grey, no interlace
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def palette_png(transparent: bool) -> bytes:
+    """A palette (P) PNG, with one palette entry fully transparent if asked (a tRNS chunk)."""
+    im = Image.fromarray(np.arange(20 * 30, dtype=np.uint8).reshape(20, 30) % 4 * 60).convert("P")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **({"transparency": 0} if transparent else {}))
+    return buf.getvalue()
+
+
 def bad_inputs() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     good = jpeg_bytes(1, (64, 48))
@@ -32,6 +62,8 @@ def bad_inputs() -> dict[str, bytes]:
     Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(cmyk, format="JPEG")
     rgba = rng.integers(0, 256, size=(20, 30, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent -> white
+    grey_alpha = np.stack([np.full((20, 30), 50, np.uint8), np.full((20, 30), 255, np.uint8)], -1)
+    good_png = png_bytes(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8))
     return {
         "corrupt.jpg": good[: len(good) // 2],
         "empty.jpg": b"",
@@ -40,6 +72,13 @@ def bad_inputs() -> dict[str, bytes]:
         "rgba.png": png_bytes(rgba, "RGBA"),
         "not_an_image.jpg": b"hello, I am text",
         "huge.jpg": jpeg_bytes(2, (2000, 1000)),
+        "palette.png": palette_png(transparent=False),
+        "palette_alpha.png": palette_png(transparent=True),
+        "grey_alpha.png": png_bytes(grey_alpha, "LA"),
+        "truncated.png": good_png[: len(good_png) * 2 // 3],
+        # past PIL's pixel limit (a warning there, an error here), and past twice it (an error)
+        "bomb.png": png_bomb(Image.MAX_IMAGE_PIXELS + 1),
+        "bomb_far.png": png_bomb(2 * Image.MAX_IMAGE_PIXELS + 1),
     }
 
 
@@ -60,6 +99,24 @@ def test_each_bad_input_is_converted_or_rejected_with_reason():
     assert outcomes["deep.png"][0] == "ok" and "I;16" in outcomes["deep.png"][1]
     assert outcomes["rgba.png"][0] == "ok" and "white" in outcomes["rgba.png"][1]
     assert outcomes["huge.jpg"][0] == "ok" and "downscaled" in outcomes["huge.jpg"][1]
+    assert outcomes["palette.png"] == ("ok", "P to RGB")
+    assert outcomes["palette_alpha.png"] == ("ok", "P+alpha composited on white")
+    assert outcomes["grey_alpha.png"] == ("ok", "LA composited on white")
+    assert outcomes["truncated.png"][0] == "rejected"
+    assert "truncated" in outcomes["truncated.png"][1]
+    for bomb in ("bomb.png", "bomb_far.png"):
+        assert outcomes[bomb][0] == "rejected", bomb
+        assert outcomes[bomb][1].startswith("image too large to decode safely"), outcomes[bomb]
+        assert "exceeds limit of" in outcomes[bomb][1]
+    assert outcomes.keys() == bad_inputs().keys()  # every kind has its expectation above
+
+
+def test_palette_transparency_becomes_white():
+    jpeg, _ = normalize_image(palette_png(transparent=True), 64, 95)
+    arr = np.asarray(Image.open(io.BytesIO(jpeg)))
+    index = np.arange(20 * 30).reshape(20, 30) % 4
+    assert arr[index == 0].min() > 240  # palette entry 0 (black) was the transparent one
+    assert arr[index == 1].max() < 80  # 60 stays dark grey
 
 
 def test_rgba_transparent_pixels_become_white():
@@ -102,12 +159,15 @@ def test_shards_round_trip_through_webdataset_and_record_rejects(tmp_path):
     manifest = manifest_with(tmp_path, files)
     index, rejects = write_all(tmp_path, manifest)
     rejected = {r["path"].split("/")[-1]: r["reason"] for r in rejects}
-    assert set(rejected) == {"corrupt.jpg", "empty.jpg", "not_an_image.jpg"}
+    assert set(rejected) == {"corrupt.jpg", "empty.jpg", "not_an_image.jpg", "truncated.png",
+                             "bomb.png", "bomb_far.png"}
     assert all(reason for reason in rejected.values())
     # every manifest row is either in a shard or in rejects: nothing silently lost
     seen = {}
     for entry in index["shardlist"]:
-        ds = wds.WebDataset(str(tmp_path / "shards" / entry["url"]), shardshuffle=False).decode("pil")
+        # a shard may hold only rejects: an empty tar is a valid shard here
+        ds = wds.WebDataset(str(tmp_path / "shards" / entry["url"]), shardshuffle=False,
+                            empty_check=False).decode("pil")
         samples = list(ds.to_tuple("__key__", "jpg", "cls", "json"))
         assert len(samples) == entry["nsamples"]
         for key, img, cls, meta in samples:
