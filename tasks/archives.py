@@ -38,6 +38,10 @@ from tasks.names import UnsafeName, check_relative_path
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 CHUNK = 1 << 20
+# What a member costs on disk beyond its bytes (an inode and a block), charged per entry.
+ENTRY_BYTES = 4096
+# tarfile reads a GNU long name or a PAX header whole, before any limit sees it: cap them.
+MAX_TAR_HEADER_BYTES = 1 << 20
 # The ratio applies past this many bytes: a tiny archive of text (a CSV, a README) may expand
 # 50:1 and more without being a bomb, and 1 MiB cannot fill a disk.
 GRACE_BYTES = 1 << 20
@@ -96,10 +100,14 @@ class _Budget:
 
     def entry(self, where: str, entries: int = 1) -> None:
         """Count members (files, folders, anything) before they are looked at: one entry, or
-        all that a zip's central directory lists, to refuse early."""
+        all that a zip's central directory lists, to refuse early. Each costs a file system
+        block against the byte and ratio limits too: 50,000 empty folders are no bytes of
+        content but 200 MB of disk."""
         self.entries += entries
         if self.entries > self.limits.max_entries:
             raise self._over(where, "archive_max_entries", self.limits.max_entries, "entries")
+        self.check(where, self.bytes + ENTRY_BYTES * entries)
+        self.bytes += ENTRY_BYTES * entries
 
     def check(self, entry: str, total: int) -> None:
         """Raise when `total` bytes written would pass the byte or the ratio limit."""
@@ -193,8 +201,26 @@ def _extract_zip(archive: Path, root: Path, budget: _Budget, source: str) -> Non
                 budget.write(src, root / rel, info.orig_filename)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses a long-name or PAX header over MAX_TAR_HEADER_BYTES before reading it."""
+
+    def _proc_gnulong(self, tf):  # type: ignore[no-untyped-def]
+        self._bounded()
+        return super()._proc_gnulong(tf)
+
+    def _proc_pax(self, tf):  # type: ignore[no-untyped-def]
+        self._bounded()
+        return super()._proc_pax(tf)
+
+    def _bounded(self) -> None:
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(
+                f"an extended header of {self.size:,} bytes (over {MAX_TAR_HEADER_BYTES:,})")
+
+
 def _extract_tar(archive: Path, root: Path, budget: _Budget, source: str) -> None:
-    with tarfile.open(archive) as tf:  # compression is detected from the bytes
+    # compression is detected from the bytes
+    with tarfile.open(archive, tarinfo=_BoundedTarInfo) as tf:
         while (m := tf.next()) is not None:
             tf.members.clear()  # one pass, streaming: do not hold millions of TarInfos
             budget.entry(f"entry {m.name!r}")
@@ -261,7 +287,7 @@ def _unpacked(archive: Path, dest: Path, source: str, work: Callable[[Path], Non
         try:
             work(tmp)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
-                NotImplementedError, UnicodeDecodeError, OSError) as exc:
+                NotImplementedError, UnicodeDecodeError, RecursionError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno in _HOST_ERRNOS:
                 raise
             raise UnsafeArchive(f"{source}: {archive.name}: corrupt, truncated or unsupported "

@@ -89,7 +89,10 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     own = client is None
-    client = client or httpx.Client(headers={"User-Agent": USER_AGENT})
+    # identity: a compressed body would be inflated in memory past the limits, and a Range
+    # offset counts the encoded bytes, not the decoded ones we store
+    client = client or httpx.Client(headers={"User-Agent": USER_AGENT,
+                                             "Accept-Encoding": "identity"})
     attempt = 0
     sized = [on_size is None]
 
@@ -173,6 +176,9 @@ def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
             save_validator(part, validator_of(r, url))
         length = r.headers.get("Content-Length")
         expected = have + int(length) if length and length.isdigit() else None
+        total = _range_total(r) if resumed else None
+        if total is not None:
+            expected = total  # a 206 of part of the rest: the next attempt asks for what is left
         if limit and expected is not None:
             limit.check(url, expected, announced=True)
         if length and length.isdigit():
@@ -189,6 +195,12 @@ def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
     size = part.stat().st_size
     if expected is not None and size < expected:
         raise _Retry(f"connection dropped at {size} of {expected} bytes", wait=0.0)
+
+
+def _range_total(response: httpx.Response) -> int | None:
+    """The whole file's size a 206's Content-Range gives (`bytes <start>-<end>/<total>`)."""
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 def _range_start(response: httpx.Response) -> int | None:

@@ -75,7 +75,9 @@ class Limits:
         self.total = threading.BoundedSemaphore(concurrency)
         self.per_host = per_host
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
-        self.client = httpx.Client(headers={"User-Agent": USER_AGENT},  # redirects: checked hops
+        # identity: a compressed response would be inflated in memory, past the byte limits,
+        # and a Range offset counts encoded bytes. Redirects are followed as checked hops.
+        self.client = httpx.Client(headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                                    limits=httpx.Limits(max_connections=concurrency,
                                                        max_keepalive_connections=concurrency))
 
@@ -124,7 +126,7 @@ def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: i
                             backoff_s=backoff_s, timeout_s=timeout_s, client=limits.client,
                             gate=limits.gate(row.url), limit=limit, public_only=not allow_private)
             result = Fetched(row.url, row.label, path)
-        except (FetchError, httpx.HTTPError, OSError, ValueError) as exc:
+        except (FetchError, httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
             why = str(exc).removeprefix(f"{source}: ").removeprefix(f"{row.url}: ")
             result = Fetched(row.url, row.label, None, why or type(exc).__name__)
         if on_done:

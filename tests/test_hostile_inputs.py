@@ -1,0 +1,49 @@
+"""Review findings on hostile inputs: costs no limit counted, headers read whole, bad rows."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from tasks.archives import ArchiveLimitError, ArchiveLimits, UnsafeArchive, safe_extract
+from tasks.urls import UrlRow, fetch_urls
+
+LIMITS = ArchiveLimits(max_entries=1_000_000, max_bytes=64 << 20, max_ratio=200.0)
+
+
+def _tar_gz(path, members):
+    with tarfile.open(path, "w:gz") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_empty_folders_cost_disk_and_count_against_the_ratio(tmp_path):
+    dirs = []
+    for i in range(3000):
+        info = tarfile.TarInfo(f"d{i:05d}")
+        info.type = tarfile.DIRTYPE
+        dirs.append((info, None))
+    archive = _tar_gz(tmp_path / "folders.tar.gz", dirs)
+    assert archive.stat().st_size < 60_000  # 3000 folders: 12 MB of blocks from ~30 KB
+    with pytest.raises(ArchiveLimitError, match="archive_max_ratio"):
+        safe_extract(archive, tmp_path / "out", LIMITS, source="s")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tar_long_name_header_is_refused_before_it_is_read_whole(tmp_path):
+    info = tarfile.TarInfo("x" * (2 << 20))  # GNU long name: a 2 MiB header
+    archive = tmp_path / "longname.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UnsafeArchive, match="extended header of"):
+        safe_extract(archive, tmp_path / "out", LIMITS, source="s")
+
+
+def test_a_url_that_httpx_cannot_parse_is_a_recorded_failure_not_a_crash(tmp_path):
+    rows = [UrlRow("http://a\x00b/x.jpg", "a")]
+    [result] = fetch_urls(rows, tmp_path / "cache", concurrency=1, per_host=1, retries=0,
+                          timeout_s=1.0, backoff_s=0.0)
+    assert result.path is None and result.error
