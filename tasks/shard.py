@@ -16,6 +16,7 @@ import pyarrow as pa
 import webdataset as wds
 
 from tasks.images import BadImage, normalize_image
+from tasks.names import UnsafeName, check_component, check_relative_path
 from tasks.params import ShardParams
 from tasks.schemas import SHARD_INDEX, SPLITS, atomic_path, sha256_file
 
@@ -45,6 +46,31 @@ def plan_shards(manifest: pa.Table, max_samples: int) -> list[ShardPlan]:
     return plans
 
 
+# Larger than any photo Pillow's pixel limit lets through (89 Mpx at 16 bits a channel is
+# ~540 MB uncompressed); a bigger "image" is an attack on memory, not a photo.
+MAX_RAW_BYTES = 1 << 30
+
+
+def read_raw(raw_dir: Path, row: dict) -> bytes:
+    """One raw image's bytes, from a catalog row that may come from a shared DVC remote.
+
+    The row's source and path are checked as every name from outside is
+    (no absolute paths, `..`, look-alikes); only a regular file is read, and
+    at most MAX_RAW_BYTES of it, so a row naming `/dev/zero` or a 50 GB file
+    is a reject, not a read of the machine or its memory.
+    """
+    source = check_component(row["source"], source="catalog", entry=row["key"])
+    rel = check_relative_path(row["path"], source=f"catalog of {source}", entry=row["key"])
+    src = raw_dir / source / rel
+    if not src.is_file():
+        raise FileNotFoundError(src)
+    with open(src, "rb") as fh:
+        data = fh.read(MAX_RAW_BYTES + 1)
+    if len(data) > MAX_RAW_BYTES:
+        raise BadImage(f"file over {MAX_RAW_BYTES:,} bytes")
+    return data
+
+
 def write_shard(plan: ShardPlan, raw_dir: Path, out_dir: Path, params: ShardParams) -> tuple[dict, list[dict]]:
     """Write one tar atomically; returns (index entry, reject rows).
 
@@ -59,11 +85,12 @@ def write_shard(plan: ShardPlan, raw_dir: Path, out_dir: Path, params: ShardPara
             for row in plan.rows:
                 src = raw_dir / row["source"] / row["path"]
                 try:
-                    jpeg, note = normalize_image(src.read_bytes(), params.max_side, params.jpeg_quality)
+                    jpeg, note = normalize_image(read_raw(raw_dir, row), params.max_side,
+                                                 params.jpeg_quality)
                 except FileNotFoundError:
                     rejects.append({"key": row["key"], "path": str(src), "reason": "file missing"})
                     continue
-                except BadImage as exc:
+                except (BadImage, UnsafeName) as exc:
                     rejects.append({"key": row["key"], "path": str(src), "reason": str(exc)})
                     continue
                 notes += note is not None

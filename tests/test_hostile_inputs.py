@@ -47,3 +47,30 @@ def test_a_url_that_httpx_cannot_parse_is_a_recorded_failure_not_a_crash(tmp_pat
     [result] = fetch_urls(rows, tmp_path / "cache", concurrency=1, per_host=1, retries=0,
                           timeout_s=1.0, backoff_s=0.0)
     assert result.path is None and result.error
+
+
+def test_a_catalog_row_cannot_make_the_shard_stage_read_outside_its_source(
+        tmp_path, monkeypatch):
+    """catalog.parquet may come from a shared DVC remote: its paths are checked again."""
+    from tasks.images import BadImage
+    from tasks.names import UnsafeName
+    from tasks.shard import read_raw
+
+    raw = tmp_path / "01_raw"
+    (raw / "src").mkdir(parents=True)
+    (tmp_path / "secret.jpg").write_bytes(b"not yours")
+    (raw / "src" / "zero.jpg").symlink_to("/dev/zero")
+    (raw / "src" / "ok.jpg").write_bytes(b"\xff\xd8\xff")
+    assert read_raw(raw, {"source": "src", "path": "ok.jpg", "key": "k"}) == b"\xff\xd8\xff"
+    for path in ["../secret.jpg", "/etc/passwd", "ｓｒｃ/．．/．．/secret.jpg", "a\\..\\x.jpg"]:
+        with pytest.raises(UnsafeName):
+            read_raw(raw, {"source": "src", "path": path, "key": "k"})
+    with pytest.raises(UnsafeName):
+        read_raw(raw, {"source": "..", "path": "secret.jpg", "key": "k"})
+    with pytest.raises(FileNotFoundError):  # a device is not a regular file: never read
+        read_raw(raw, {"source": "src", "path": "zero.jpg", "key": "k"})
+    import tasks.shard
+
+    monkeypatch.setattr(tasks.shard, "MAX_RAW_BYTES", 2)  # the real cap is 1 GiB
+    with pytest.raises(BadImage, match="over 2 bytes"):
+        read_raw(raw, {"source": "src", "path": "ok.jpg", "key": "k"})
