@@ -74,3 +74,18 @@ def test_a_catalog_row_cannot_make_the_shard_stage_read_outside_its_source(
     monkeypatch.setattr(tasks.shard, "MAX_RAW_BYTES", 2)  # the real cap is 1 GiB
     with pytest.raises(BadImage, match="over 2 bytes"):
         read_raw(raw, {"source": "src", "path": "ok.jpg", "key": "k"})
+
+
+@pytest.mark.parametrize("name", ["a\\..\\x.jpg", "C:/x.jpg", "c:x.jpg", "ｘ/．．/．．/y.jpg",
+                                  "a\x00b.jpg", "/etc/passwd", "../y.jpg", "x" * 300 + ".jpg"])
+def test_every_refused_kind_of_table_path_is_a_recorded_skip(tmp_path, name):
+    import polars as pl
+
+    from tasks.layout_rows import LEAVES_FOLDER
+    from tasks.layouts import read_table_source
+
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    pl.DataFrame({"path": ["ok.jpg", name], "label": ["a", "b"]}).write_csv(tmp_path / "t.csv")
+    rows, skips = read_table_source(tmp_path, "t.csv", "path", "label")
+    assert rows == [{"path": "ok.jpg", "label": "a"}]
+    assert [(s.path, s.reason) for s in skips] == [(name, LEAVES_FOLDER)]
