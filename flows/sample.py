@@ -8,7 +8,8 @@ from prefect import flow, get_run_logger
 from flows._cli import main
 from tasks.params import Params, SampleParams
 from tasks.sample import build_manifest, check_class_counts
-from tasks.schemas import CATALOG_NAME, CATALOG_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RAW_DIR, read_table, write_json, write_table
+from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RAW_DIR, read_table,
+                           write_json, write_table)
 
 
 def read_catalogs(sources: list[str]) -> dict[str, pl.DataFrame]:
@@ -21,17 +22,24 @@ def sample(sources: list[str], params: SampleParams) -> dict:
     log = get_run_logger()
     manifest, skipped = build_manifest(read_catalogs(sources), params)
     write_table(MANIFEST, manifest, MANIFEST_SCHEMA)
-    counts = pl.from_arrow(manifest).group_by("source", "split").len().sort("source", "split")
+    frame = pl.from_arrow(manifest)
+    counts = frame.group_by("source", "split").len().sort("source", "split")
+    groups = (frame.group_by("source", "group").agg(pl.col("class_id").n_unique().alias("n"))
+              .sort("source", "group"))
     summary = {
         "images": manifest.num_rows,
         "classes": len(set(manifest.column("class_id").to_pylist())),
         "per_source_split": {f"{r['source']}/{r['split']}": r["len"] for r in counts.iter_rows(named=True)},
+        # Classes per group: training, validation (choices are made on them), test (reported).
+        "classes_per_source_group": {f"{r['source']}/{r['group']}": r["n"]
+                                     for r in groups.iter_rows(named=True)},
         "skipped_classes": [s.__dict__ for s in skipped],
     }
     write_json(MANIFEST.parent / "summary.json", summary)
     for s in skipped:
         log.warning("skipped class %s/%s: %s (%d images)", s.source, s.label, s.reason, s.images)
-    log.info("sample: %d images, %d classes; %s", summary["images"], summary["classes"], summary["per_source_split"])
+    log.info("sample: %d images, %d classes; images %s; classes %s", summary["images"],
+             summary["classes"], summary["per_source_split"], summary["classes_per_source_group"])
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Per-class sampling into train/val (seen classes) and query/index (unseen classes).
+"""Per-class sampling: train/val images of training classes, query/index images of
+validation classes (every choice is made on them) and of test classes (reported).
 
 Every choice is an order given by a seeded hash, and every split is decided
 by a position in that order, never by a count of what was drawn. So raising
@@ -16,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from tasks.params import ParamsError, SampleParams
-from tasks.schemas import MANIFEST_SCHEMA
+from tasks.schemas import GROUPS, MANIFEST_SCHEMA
 
 # A held-out class needs one query and one index image to be scored at all.
 MIN_IMAGES_PER_CLASS = 2
@@ -88,31 +89,65 @@ def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, s
     return ordered[:num_classes], skipped
 
 
-def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, params: SampleParams) -> tuple[pl.DataFrame, list[SkippedClass]]:
-    """Rows (key, source, label, path, split) sampled from one source's catalog."""
-    classes, skipped = choose_classes(catalog, source, num_classes, params.seed, params.pick.get(source, "random"),
-                                      params.min_images)
-    rows = []
+def class_groups(classes: list[str], eval_fraction: float, test_fraction: float) -> dict[str, str]:
+    """The group of each class, by its position in the chosen order (prefix-stable).
+
+    A share `eval_fraction` of the classes is held out of training; of those, a
+    share `test_fraction` are test classes and the rest validation classes. Adding
+    classes appends to both orders, so no class ever changes group.
+    """
+    groups, held_out = {}, 0
     for position, label in enumerate(classes):
-        held_out = is_minority(position, params.eval_fraction)
+        if not is_minority(position, eval_fraction):
+            groups[label] = "train"
+            continue
+        groups[label] = "test" if is_minority(held_out, test_fraction) else "validation"
+        held_out += 1
+    return groups
+
+
+def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, params: SampleParams,
+                  ) -> tuple[pl.DataFrame, list[SkippedClass]]:
+    """Rows (key, source, label, path, split, group, class_images) sampled from one catalog."""
+    classes, skipped = choose_classes(catalog, source, num_classes, params.seed,
+                                      params.pick.get(source, "random"), params.min_images)
+    groups = class_groups(classes, params.eval_fraction, params.test_fraction)
+    sizes = dict(catalog.group_by("label").len().iter_rows())
+    rows = []
+    for label in classes:
         paths = catalog.filter(pl.col("label") == label)["path"].to_list()
         paths.sort(key=lambda p: (seeded_order(params.seed, source, label, p), p))
         for j, path in enumerate(paths[: params.samples]):
-            if held_out:
+            if groups[label] != "train":
                 split = "query" if is_minority(j, params.query_fraction) else "index"
             else:
                 split = "val" if is_minority(j, params.val_fraction) else "train"
             rows.append({"key": image_key(source, path), "source": source, "label": label,
-                         "path": path, "split": split})
-    return pl.DataFrame(rows, schema={c: pl.String for c in ("key", "source", "label", "path", "split")}), skipped
+                         "path": path, "split": split, "group": groups[label],
+                         "class_images": sizes[label]})
+    schema = {c: pl.String for c in ("key", "source", "label", "path", "split", "group")}
+    return pl.DataFrame(rows, schema={**schema, "class_images": pl.Int64}), skipped
 
 
-def _keep_mapped_classes_on_one_side(manifest: pl.DataFrame) -> pl.DataFrame:
-    """A shared class drawn for training in one source and held out in another would leak
-    into the evaluation: its held-out images move to training."""
-    seen = manifest.filter(pl.col("split").is_in(["train", "val"]))["class_name"].unique()
-    leak = pl.col("class_name").is_in(seen.implode()) & pl.col("split").is_in(["query", "index"])
-    return manifest.with_columns(pl.when(leak).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"))
+def _one_group_per_class(manifest: pl.DataFrame) -> pl.DataFrame:
+    """A class shared by two sources (label_map) takes the first of its groups in
+    train, validation, test order: drawn for training in one source and held out in
+    another, its held-out images would leak into the scores, so they move to
+    training; drawn for validation and test, it is a validation class. Its
+    class_images is the sum over its sources."""
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    manifest = manifest.with_columns(pl.col("group").replace_strict(rank).alias("_rank"))
+    per_class = manifest.group_by("class_name").agg(pl.col("_rank").min().alias("_class_rank"))
+    manifest = manifest.join(per_class, on="class_name").with_columns(
+        pl.col("_class_rank").replace_strict({i: g for g, i in rank.items()}).alias("group"))
+    to_train = (pl.col("group") == "train") & pl.col("split").is_in(["query", "index"])
+    totals = (manifest.unique(["class_name", "source", "label"]).group_by("class_name")
+              .agg(pl.col("class_images").sum().alias("_total")))
+    manifest = manifest.join(totals, on="class_name")
+    return manifest.with_columns(
+        pl.when(to_train).then(pl.lit("train")).otherwise(pl.col("split")).alias("split"),
+        pl.col("_total").alias("class_images"),
+    ).drop("_rank", "_class_rank", "_total")
 
 
 def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> tuple[pa.Table, list[SkippedClass]]:
@@ -132,7 +167,7 @@ def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> t
     mapped = {k: f"*/{v}" for k, v in params.label_map.items()}
     manifest = manifest.with_columns(
         pl.concat_str("source", pl.lit("/"), "label").replace(mapped).alias("class_name"))
-    manifest = _keep_mapped_classes_on_one_side(manifest)
+    manifest = _one_group_per_class(manifest)
     ids = (manifest.select("class_name").unique().sort("class_name")
            .with_row_index("class_id").with_columns(pl.col("class_id").cast(pl.Int32)))
     manifest = manifest.join(ids, on="class_name").sort("key")

@@ -32,6 +32,9 @@ EVAL_DIR = DATA / "06_eval"
 EXPORT_DIR = DATA / "07_export"
 
 SPLITS = ("train", "val", "query", "index")
+# Class groups, disjoint: training classes (train/val images), validation classes
+# (query/index, every choice is made on them) and test classes (query/index, reported).
+GROUPS = ("train", "validation", "test")
 CATALOG_NAME = "catalog.parquet"
 SHARD_INDEX = "index.json"
 REJECTS_NAME = "rejects.parquet"
@@ -56,6 +59,10 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("class_id", pa.int32(), nullable=False),  # global across sources
         pa.field("path", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),  # one of GROUPS, the same for a whole class
+        # Images of the class in its source catalog(s) before sampling capped it:
+        # how common the class is, which dynamic ArcFace margins follow.
+        pa.field("class_images", pa.int64(), nullable=False),
     ]
 )
 
@@ -143,7 +150,7 @@ def write_bytes(target: Path | str, data: bytes) -> None:
 
 
 def write_json(target: Path | str, obj: Any) -> None:
-    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def write_table(target: Path | str, table: pa.Table, schema: pa.Schema) -> None:

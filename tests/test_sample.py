@@ -102,3 +102,54 @@ def test_all_classes():
     assert m.filter(pl.col("source") == "a")["label"].n_unique() == 12
     with pytest.raises(ValidationError, match="num_classes.a = 1"):
         SampleParams(samples=2, num_classes={"a": 1})
+
+
+def test_three_disjoint_class_groups():
+    """Training, validation and test classes never share a class, and each group's images
+    are in its own splits: train/val for training classes, query/index for the others."""
+    m = frame(params(num_classes={"a": 12, "b": 6}, eval_fraction=0.6, test_fraction=0.5))
+    per_class = m.group_by("class_id").agg(pl.col("group").n_unique().alias("n"))
+    assert per_class["n"].max() == 1, "a class is in two groups"
+    split_of = {"train": {"train", "val"}, "validation": {"query", "index"}, "test": {"query", "index"}}
+    for group, splits in split_of.items():
+        rows = m.filter(pl.col("group") == group)
+        assert rows.height and set(rows["split"]) == splits, group
+    counts = m.group_by("group").agg(pl.col("class_id").n_unique().alias("n"))
+    # a: 12 classes, floor(12 * 0.6) = 7 held out, floor(7 * 0.5) = 3 of them test;
+    # b: 6 classes, 3 held out, 1 test.
+    assert dict(counts.iter_rows()) == {"train": 5 + 3, "validation": 4 + 2, "test": 3 + 1}
+
+
+def test_groups_prefix_stable_when_classes_grow():
+    small = frame(params(num_classes={"a": 5, "b": 3}))
+    big = frame(params(num_classes={"a": 12, "b": 6}))
+    group = lambda m: dict(zip(m["label"], m["group"]))  # noqa: E731
+    gs, gb = group(small), group(big)
+    assert all(gb[label] == g for label, g in gs.items())
+
+
+def test_class_images_counts_the_catalog_before_capping():
+    cats = {"a": pl.concat([catalog(3, 10), catalog(2, 40, prefix="big")])}
+    m = frame_of(cats, params(num_classes={"a": 5}, samples=6))
+    sizes = dict(m.select("label", "class_images").unique().iter_rows())
+    assert sizes == {"c0": 10, "c1": 10, "c2": 10, "big0": 40, "big1": 40}
+    assert m.group_by("label").len()["len"].max() == 6
+
+
+def test_shared_class_takes_one_group_and_sums_its_images():
+    cats = {"a": catalog(6, 5), "b": catalog(6, 7)}
+    base = frame_of(cats, params(num_classes={"a": 6, "b": 6}))
+    train_a = base.filter((pl.col("source") == "a") & (pl.col("group") == "train"))["label"][0]
+    held_b = base.filter((pl.col("source") == "b") & (pl.col("group") != "train"))["label"][0]
+    mapped = frame_of(cats, params(num_classes={"a": 6, "b": 6},
+                                   label_map={f"a/{train_a}": "x", f"b/{held_b}": "x"}))
+    shared = mapped.filter(((pl.col("source") == "a") & (pl.col("label") == train_a))
+                           | ((pl.col("source") == "b") & (pl.col("label") == held_b)))
+    assert shared["class_id"].n_unique() == 1
+    assert set(shared["group"]) == {"train"}
+    assert set(shared["split"]) <= {"train", "val"}
+    assert set(shared["class_images"]) == {5 + 7}
+
+
+def frame_of(cats, p: SampleParams) -> pl.DataFrame:
+    return pl.from_arrow(build_manifest(cats, p)[0])
