@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 
-from tasks.evaluate import metrics_diff_markdown, metrics_markdown, metrics_rows
+from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
 from tasks.schemas import EVAL_DIR
 
 METRICS = EVAL_DIR / "metrics.json"
@@ -54,7 +54,7 @@ def pipeline(targets: list[str] | None = None) -> dict:
     after = _read_metrics()
     if after is None:
         raise RuntimeError(f"{METRICS} missing after dvc repro")
-    table = metrics_markdown(after, after["k"])
+    table = metrics_markdown(after)
     create_markdown_artifact(table, key="guie-pipeline-metrics", description="mP@5 per model line after dvc repro")
     create_table_artifact(metrics_rows(after), key="guie-pipeline-metrics-table",
                           description="mP@5 per model line and source")

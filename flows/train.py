@@ -6,24 +6,33 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows._cli import main
-from tasks.features import load_concat
+from tasks.features import load_concat, select
 from tasks.params import TrainParams
-from tasks.schemas import HEAD_DIR, atomic_path, write_json
+from tasks.schemas import HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, atomic_path, read_table, write_json
 from tasks.train import save_head, train_head
 
 
 @flow(name="train")
 def train(variants: list[str], params: TrainParams) -> dict:
-    """Train Dropout + Linear-64 + L2 with ArcFace on the concatenated, per-backbone normalised features."""
+    """Train Dropout + Linear-64 + L2 with ArcFace on the concatenated, per-backbone normalised
+    features of the training classes; early stopping watches the validation classes."""
     log = get_run_logger()
-    result = train_head(load_concat(variants, "train"), load_concat(variants, "val"), params)
+    manifest = pl.from_arrow(read_table(MANIFEST, MANIFEST_SCHEMA))
+    group = dict(zip(manifest["key"], manifest["group"]))
+    class_images = dict(zip(manifest["class_id"].to_list(), manifest["class_images"].to_list()))
+    query, index = load_concat(variants, "query"), load_concat(variants, "index")
+    validation = tuple(select(f, [group[key] == "validation" for key in f.keys])
+                       for f in (query, index))
+    result = train_head(load_concat(variants, "train"), load_concat(variants, "val"), params,
+                        validation, class_images)
     save_head(result.head, HEAD_DIR, variants, params)
     write_json(HEAD_DIR / "metrics.json", result.metrics)
     with atomic_path(HEAD_DIR / "history.csv") as tmp:
         pl.DataFrame(result.history).write_csv(tmp)
-    log.info("train: %s head, %s loss, %d epochs, loss %.3f, train acc %.3f, val acc %.3f, val mP@5 %.3f",
-             params.head, params.loss, result.metrics["epochs_run"], result.metrics["train_loss"],
-             result.metrics["train_acc"], result.metrics["val_acc"], result.metrics["val_mP@5"])
+    m = result.metrics
+    log.info("train: %s head, %s loss, %d epochs (kept %d), loss %.3f, train acc %.3f, "
+             "validation classes mP@5 %s", params.head, params.loss, m["epochs_run"],
+             m["epoch_kept"], m["train_loss"], m["train_acc"], m["validation_classes_mP@5"])
     return result.metrics
 
 

@@ -50,3 +50,12 @@ def load_concat(variants: list[str], split: str, root: Path = FEATURES_DIR) -> S
         return parts[0]
     emb = np.concatenate([l2_normalize(p.embeddings) for p in parts], axis=1)
     return SplitFeatures(parts[0].keys, parts[0].class_ids, emb.astype(np.float32))
+
+
+def select(features: SplitFeatures, keep: np.ndarray) -> SplitFeatures:
+    """The rows of `features` where the boolean mask `keep` is true, in their order."""
+    keep = np.asarray(keep, dtype=bool)
+    keys = [k for k, kept in zip(features.keys, keep) if kept]
+    if not len(features.keys):
+        return features
+    return SplitFeatures(keys, features.class_ids[keep], features.embeddings[keep])

@@ -62,3 +62,54 @@ def precision_recall_curves(neighbours: np.ndarray, query_labels: np.ndarray, in
     cum = np.cumsum(hits, axis=1)
     ks = np.arange(1, hits.shape[1] + 1)
     return (cum / ks).mean(axis=0), (cum / rel_counts[keep, None]).mean(axis=0)
+
+
+# ------------------------------------------------------------------ intervals
+#
+# Queries of one class are not independent (they are views of one object and
+# share its index images), so the unit that is resampled is the query class:
+# each resample draws as many classes as were scored, with replacement, and
+# takes all their queries. The interval is the percentile interval of mP@k.
+
+BOOTSTRAP_CHUNK = 256  # resamples drawn at once: bounds memory to 256 x classes
+
+
+def _class_bootstrap(values: np.ndarray, query_classes: np.ndarray, resamples: int, seed: int,
+                     level: float) -> tuple[float, float, float]:
+    """(mean, low, high) of per-query `values`, resampling their classes."""
+    _, inverse = np.unique(query_classes, return_inverse=True)
+    counts = np.bincount(inverse).astype(np.float64)
+    sums = np.bincount(inverse, weights=values)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, BOOTSTRAP_CHUNK):
+        draws = rng.integers(0, len(counts), size=(min(BOOTSTRAP_CHUNK, resamples - start), len(counts)))
+        means[start:start + len(draws)] = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def bootstrap_interval(per_query: np.ndarray, query_classes: np.ndarray, resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): mean P@k of the scored queries and its class-bootstrap interval.
+
+    Queries whose class has no index image (NaN) are left out; with no scored
+    query at all the result is undefined and a ValueError says so.
+    """
+    scored = ~np.isnan(per_query)
+    if not scored.any():
+        raise ValueError("no query has a relevant index image: mP@k is undefined")
+    return _class_bootstrap(per_query[scored], np.asarray(query_classes)[scored], resamples, seed, level)
+
+
+def paired_bootstrap_difference(a: np.ndarray, b: np.ndarray, query_classes: np.ndarray,
+                                resamples: int = 2000, seed: int = 0, level: float = 0.95,
+                                ) -> tuple[float, float, float]:
+    """(mean(a - b), low, high) over the queries both lines scored, with the same
+    resampled classes for both lines, so what the two lines share cancels out."""
+    scored = ~(np.isnan(a) | np.isnan(b))
+    if not scored.any():
+        raise ValueError("no query has a relevant index image: the difference is undefined")
+    diff = a[scored] - b[scored]
+    return _class_bootstrap(diff, np.asarray(query_classes)[scored], resamples, seed, level)

@@ -261,8 +261,12 @@ class SampleParams(_Section):
     # Classes taken per source ("all" = every class with enough images);
     # every source in `sources` needs an entry.
     num_classes: dict[str, Union[int, Literal["all"]]]
-    # Share of each source's chosen classes held out for query/index (unseen by training).
-    eval_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    # Share of each source's chosen classes held out from training (query/index images):
+    # the validation classes and the test classes together.
+    eval_fraction: float = Field(0.6, gt=0.0, lt=1.0)
+    # Share of the held-out classes that are test classes, scored and reported only;
+    # the others are validation classes, on which early stopping and every sweep choose.
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # Share of each training class's images used for validation.
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # Share of each held-out class's images used as queries; the rest is the index.
@@ -348,8 +352,12 @@ class TrainParams(_Section):
     # adamw (decoupled weight decay) or adam (L2 in the gradient, as 2xCLIP's Adam).
     optimizer: Literal["adamw", "adam"] = "adamw"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    # Stop when the val split's mP@5 has not improved for this many epochs (0: never) and keep the best epoch.
+    # Stop when the validation classes' mP@5 has not improved for this many epochs
+    # (0: never) and keep the best epoch.
     early_stopping_patience: int = Field(0, ge=0)
+    # CPU threads: a float sum's order, and so the trained bytes, depend on it;
+    # fixed, a rerun with the same params gives the same head.
+    threads: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _margin_order(self) -> "TrainParams":
@@ -363,6 +371,14 @@ class EvaluateParams(_Section):
     k: int = Field(5, ge=1)
     # PCA output size of the zero-shot baselines; GUIE caps embeddings at 64.
     pca_dim: int = Field(64, ge=2, le=64)
+    # Bootstrap intervals over query classes: resamples, level, and the seed that
+    # makes them the same on every rerun.
+    bootstrap_resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+    # CPU threads for search and PCA: the sums' order, and so the last bits of a
+    # distance, depend on it; fixed, reruns give the same bytes.
+    threads: int = Field(1, ge=1)
 
 
 class ExportParams(_Section):

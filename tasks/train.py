@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +72,16 @@ def embed_with_head(head: nn.Module, features: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
 
 
-def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.Tensor, yv: torch.Tensor,
-                val_ids: np.ndarray) -> dict[str, float]:
-    """Val accuracy and loss, and val mP@5 with the train split as the index (the early-stopping signal)."""
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.Tensor,
+                yv: torch.Tensor, val_ids: np.ndarray) -> dict[str, float]:
+    """The val split's accuracy, loss and mP@5 with the train split as the index: how well
+    the head knows the training classes (a monitor, not a selection signal)."""
     if len(xv) == 0:
-        return {"val_acc": float("nan"), "val_loss": float("nan"), "val_mP@5": float("nan")}
+        return {"val_acc": math.nan, "val_loss": math.nan, "val_mP@5": math.nan}
     head.eval()
     with torch.no_grad():
         emb = head(xv)
@@ -85,18 +91,67 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.T
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
 
 
-def make_loss(params: TrainParams, labels: torch.Tensor, num_classes: int) -> ArcFace:
+def _validation_classes_score(head: nn.Module, validation: tuple[SplitFeatures, SplitFeatures] | None,
+                              ) -> float:
+    """mP@5 of the validation classes' queries against their index: classes the head never
+    saw, like the test classes, so early stopping selects for what is reported."""
+    if validation is None or not validation[0].keys or not validation[1].keys:
+        return math.nan
+    query, index = validation
+    _, per_query, _ = mean_precision_at_k(embed_with_head(head, index.embeddings), index.class_ids,
+                                          embed_with_head(head, query.embeddings), query.class_ids,
+                                          k=5)
+    return float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
+
+
+def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, int] | None,
+              ) -> ArcFace:
+    """The ArcFace-family loss over `classes` (global ids, in training order).
+
+    dynamic_arcface takes each class's margin from how many images the class has
+    in its source catalogs before sampling capped it (`class_images`, from the
+    manifest): sampling gives every class the same count, so counting the
+    training rows would give every class the same margin.
+    """
     margins = None
     if params.loss == "dynamic_arcface":
-        counts = np.bincount(labels.numpy(), minlength=num_classes)
+        if class_images is None:
+            raise ValueError("dynamic_arcface needs each class's catalog image count")
+        counts = np.array([class_images[int(c)] for c in classes])
         margins = dynamic_margins(counts, params.margin_min, params.margin_max)
-    return ArcFace(params.embedding_dim, num_classes, params.arcface_scale, params.arcface_margin,
+    return ArcFace(params.embedding_dim, len(classes), params.arcface_scale, params.arcface_margin,
                    subcenters=params.subcenters if params.loss == "subcenter_arcface" else 1,
                    margins=margins, label_smoothing=params.label_smoothing)
 
 
-def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) -> TrainResult:
-    """Fit head + loss; deterministic for a given seed and input order."""
+def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
+               validation: tuple[SplitFeatures, SplitFeatures] | None = None,
+               class_images: dict[int, int] | None = None) -> TrainResult:
+    """Fit head + loss on the training classes; `validation` (query, index features of the
+    validation classes) drives early stopping. The same inputs and params give the same
+    bytes: seeded generators, deterministic algorithms, `params.threads` CPU threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(params.threads)
+    try:
+        with _deterministic():
+            return _train(train, val, params, validation, class_images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
+           validation: tuple[SplitFeatures, SplitFeatures] | None,
+           class_images: dict[int, int] | None) -> TrainResult:
     if len(train.keys) == 0:
         raise ValueError("train split is empty: nothing to train on")
     torch.manual_seed(params.seed)
@@ -109,9 +164,10 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
     yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long)
 
     head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout, params.branches)
-    arc = make_loss(params, y, len(classes))
+    arc = make_loss(params, classes, class_images)
     optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
-    opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr, weight_decay=params.weight_decay)
+    opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
+                    weight_decay=params.weight_decay)
     steps_per_epoch = -(-len(x) // params.batch_size)
     total = steps_per_epoch * params.epochs
     warmup = int(params.warmup_fraction * total)
@@ -123,7 +179,7 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
     gen = torch.Generator().manual_seed(params.seed)
 
     history: list[dict[str, float]] = []
-    best, best_state, since_best = -1.0, None, 0
+    best, best_state, best_epoch, since_best = -1.0, None, 0, 0
     for epoch in range(1, params.epochs + 1):
         head.train()
         order = torch.randperm(len(x), generator=gen)
@@ -140,12 +196,15 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
             sched.step()
             losses.append(loss.item())
             correct += (arc.predict(emb.detach()) == y[idx]).sum().item()
-        scores = _val_scores(head, arc, train, xv, yv, val.class_ids[known])
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "train_acc": correct / len(x),
-                        **scores, "lr": sched.get_last_lr()[0]})
-        if params.early_stopping_patience and not math.isnan(scores["val_mP@5"]):
-            if scores["val_mP@5"] > best:
-                best, best_state, since_best = scores["val_mP@5"], copy.deepcopy(head.state_dict()), 0
+        selection = _validation_classes_score(head, validation)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                        "train_acc": correct / len(x),
+                        **_val_scores(head, arc, train, xv, yv, val.class_ids[known]),
+                        "validation_classes_mP@5": selection, "lr": sched.get_last_lr()[0]})
+        if params.early_stopping_patience and not math.isnan(selection):
+            if selection > best:
+                best, best_state, best_epoch, since_best = (
+                    selection, copy.deepcopy(head.state_dict()), epoch, 0)
             else:
                 since_best += 1
                 if since_best >= params.early_stopping_patience:
@@ -153,9 +212,15 @@ def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams) ->
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    final = _val_scores(head, arc, train, xv, yv, val.class_ids[known])
-    metrics = {"train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"], **final,
-               "epochs_run": len(history), "num_classes": len(classes), "train_images": len(x), "val_images": len(xv)}
+    final = {**_val_scores(head, arc, train, xv, yv, val.class_ids[known]),
+             "validation_classes_mP@5": _validation_classes_score(head, validation)}
+    metrics = {"train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"],
+               **final, "epochs_run": len(history),
+               "epoch_kept": best_epoch if best_state is not None else len(history),
+               "num_classes": len(classes), "train_images": len(x), "val_images": len(xv)}
+    history = [{name: _nan_to_none(v) if isinstance(v, float) else v for name, v in row.items()}
+               for row in history]
+    metrics = {name: _nan_to_none(v) if isinstance(v, float) else v for name, v in metrics.items()}
     return TrainResult(head, history, metrics)
 
 

@@ -119,8 +119,13 @@ def test_full_repro_then_noop(repo):
     assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "download@glr", "sample", "shard",
                         "extract@lite0", "train", "evaluate", "export"}
     metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
-    assert metrics["queries"] > 0 and set(metrics["lines"]) == {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
-    assert all(0.0 <= line["mP@5"] <= 1.0 for line in metrics["lines"].values())
+    lines = {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
+    for group in ("validation", "test"):  # scored apart, every score with its interval
+        assert metrics[group]["queries"] > 0 and set(metrics[group]["lines"]) == lines
+        for line in metrics[group]["lines"].values():
+            assert all(0.0 <= s["low"] <= s["mP@5"] <= s["high"] <= 1.0 for s in line.values())
+    assert "NaN" not in (path / "data/06_eval/metrics.json").read_text()
+    assert "NaN" not in (path / "data/05_head/metrics.json").read_text()
     # the truncated JPEG in the user's folder was recorded, not fatal
     rejects = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet('data/03_shards/rejects.parquet')['path'].to_list())"],
                              cwd=path, capture_output=True, text=True, check=True).stdout
@@ -138,17 +143,17 @@ def test_full_repro_then_noop(repo):
     assert "up to date" in run(path, env, "status")
 
     shown = run(path, env, "metrics", "show")
-    assert "head.mP@5" in shown and "train_acc" in shown
+    assert "test.lines.head.all.mP@5" in shown and "train_acc" in shown
     run(path, env, "plots", "show", "-o", "plots_out")
     assert (path / "plots_out" / "index.html").is_file()
     plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=path, env=env,
                                       capture_output=True, text=True, check=True).stdout)
     assert not plots.get("errors"), plots["errors"]
     curves = (path / "data/06_eval/precision_at_k.csv").read_text().splitlines()
-    depth = min(10, metrics["index"])
+    depth = min(10, metrics["test"]["index"])
     assert curves[0] == "model,k,precision" and len(curves) == 1 + 3 * depth
     drawn = {(p["model"], p["k"]) for p in plots["data"]["precision_at_k"][0]["content"]["data"]["values"]}
-    assert drawn == {(m, str(k)) for m in metrics["lines"] for k in range(1, depth + 1)}
+    assert drawn == {(m, str(k)) for m in metrics["test"]["lines"] for k in range(1, depth + 1)}
     assert (path / "data/06_eval/gallery.png").stat().st_size > 0
     exported = json.loads((path / "data/07_export/embedder.json").read_text())
     assert exported["max_abs_diff_vs_pipeline"] <= 1e-3
@@ -250,7 +255,7 @@ def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert summary.read_text() == report
     assert re.search(r"\|\s*params.yaml\s*\|\s*train.epochs\s*\|\s*2\s*\|\s*4\s*\|", report), report
-    assert "lines.head.mP@5" in report and "train_loss" in report
+    assert "test.lines.head.all.mP@5" in report and "train_loss" in report
     git(path, env, "checkout", "-q", "--", "params.yaml")
     run(path, env, "repro")
 

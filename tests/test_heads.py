@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.features import SplitFeatures
+from tasks.features import SplitFeatures, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.params import TrainParams
-from tasks.train import (embed_with_head, load_head, save_head, train_head, warmup_cosine, warmup_linear_decay,
+from tasks.train import (embed_with_head, load_head, make_loss, save_head, train_head, warmup_cosine, warmup_linear_decay,
                          warmup_step)
 
 
@@ -92,7 +92,8 @@ def test_training_learns_and_is_deterministic(tmp_path, head, loss, schedule, op
     p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16, arcface_scale=16.0,
                     head=head, loss=loss, schedule=schedule, optimizer=optimizer, step_epochs=4, label_smoothing=0.1)
     train, val = clusters(6, 20, 24, 0), clusters(6, 5, 24, 1)
-    a, b = train_head(train, val, p), train_head(train, val, p)
+    sizes = {c: 10 * (c + 1) for c in range(6)}
+    a, b = train_head(train, val, p, class_images=sizes), train_head(train, val, p, class_images=sizes)
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
     assert a.metrics["val_acc"] > 0.8 and a.metrics["val_mP@5"] > 0.8
     assert a.history == b.history
@@ -102,13 +103,60 @@ def test_training_learns_and_is_deterministic(tmp_path, head, loss, schedule, op
     assert np.allclose(embed_with_head(loaded, val.embeddings), embed_with_head(a.head, val.embeddings), atol=1e-6)
 
 
-def test_early_stopping_stops_and_keeps_the_best_epoch():
-    # noisy data and a high learning rate: val mP@5 peaks early, then stalls
+def unseen_classes(first: int, count: int, per_class: int, dim: int, seed: int, noise: float,
+                   ) -> tuple[SplitFeatures, SplitFeatures]:
+    """(query, index) features of classes first..first+count-1: classes training never sees."""
+    every = clusters(first + count, per_class, dim, seed, noise)
+    keep = every.class_ids >= first
+    both = select(every, keep)
+    half = np.arange(len(both.keys)) % 2 == 0
+    return select(both, half), select(both, ~half)
+
+
+def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch():
+    # noisy data and a high learning rate: the validation classes' mP@5 peaks, then stalls
     train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
-    p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3, warmup_fraction=0.0)
-    result = train_head(train, val, p)
-    curve = [h["val_mP@5"] for h in result.history]
+    validation = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
+    p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3,
+                    warmup_fraction=0.0)
+    result = train_head(train, val, p, validation)
+    curve = [h["validation_classes_mP@5"] for h in result.history]
     assert len(curve) < 60, "training never stopped"
     best = max(curve)
     assert curve.index(best) == len(curve) - 1 - 3  # stopped exactly `patience` epochs after the best
-    assert result.metrics["val_mP@5"] == pytest.approx(best)  # the best epoch's weights were kept
+    assert result.metrics["epoch_kept"] == curve.index(best) + 1
+    # the best epoch's weights were kept
+    assert result.metrics["validation_classes_mP@5"] == pytest.approx(best)
+
+
+def test_dynamic_margins_follow_catalog_counts_not_the_capped_sample():
+    """Sampling gives every class the same number of training rows; the margins must still
+    follow how common each class is in its source catalog (the manifest's class_images)."""
+    train = clusters(4, 6, 8, 0)  # 6 rows per class, as after capping
+    classes = np.unique(train.class_ids)
+    p = TrainParams(epochs=1, loss="dynamic_arcface", margin_min=0.2, margin_max=0.45)
+    arc = make_loss(p, classes, {0: 5000, 1: 500, 2: 50, 3: 5000})
+    margins = arc.margins.tolist()
+    assert margins[0] == pytest.approx(0.2) and margins[3] == pytest.approx(0.2)
+    assert margins[2] == pytest.approx(0.45)
+    assert 0.2 < margins[1] < 0.45
+    with pytest.raises(ValueError, match="catalog image count"):
+        make_loss(p, classes, None)
+
+
+def test_training_gives_the_same_bytes_whatever_the_process_thread_count():
+    """The thread count of the process (OMP_NUM_THREADS, a Prefect worker) must not change the
+    head: train uses train.threads, so two runs give byte-identical weights and history."""
+    # wide enough that a matmul's reduction is split between threads (1024 -> 64; at 512 -> 32
+    # the two thread counts happen to agree on this CPU)
+    train, val = clusters(8, 40, 1024, 0, noise=1.0), clusters(8, 5, 1024, 1, noise=1.0)
+    p = TrainParams(epochs=2, batch_size=64, embedding_dim=64, threads=1)
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(train_head(train, val, p))
+    torch.set_num_threads(before)
+    weights = [b"".join(t.numpy().tobytes() for t in r.head.state_dict().values()) for r in runs]
+    assert weights[0] == weights[1]
+    assert runs[0].history == runs[1].history

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import knn, mean_precision_at_k, precision_at_k
+from tasks.metrics import (bootstrap_interval, knn, mean_precision_at_k, paired_bootstrap_difference,
+                          precision_at_k)
 
 
 def brute_force_map(index_emb, index_labels, query_emb, query_labels, k=5):
@@ -79,3 +80,65 @@ def test_precision_and_recall_curves_against_brute_force():
         r = np.mean([np.sum(index_labels[n[:k]] == q) / np.sum(index_labels == q) for n, q in zip(neighbours, query_labels)])
         assert precision[k - 1] == pytest.approx(p) and recall[k - 1] == pytest.approx(r)
     assert np.all(np.diff(recall) >= 0)
+
+
+# ------------------------------------------------------------------ intervals
+
+
+def per_class_scores(classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query P@5 values that vary a lot between classes and less within one."""
+    rng = np.random.default_rng(seed)
+    level = rng.uniform(0.2, 1.0, size=classes)
+    ids = np.repeat(np.arange(classes), per_class)
+    values = np.clip(level[ids] + rng.normal(0, 0.1, size=len(ids)), 0, 1)
+    return values, ids
+
+
+def test_bootstrap_interval_matches_scipy_over_classes():
+    """scipy's bootstrap, resampling (class sum, class count) pairs with the ratio of sums as
+    the statistic, is an independent reference for resampling query classes."""
+    from scipy.stats import bootstrap
+
+    values, ids = per_class_scores(40, 7, 0)
+    values[ids == 3] = values[ids == 3][:1].repeat(7)  # any shape of class works
+    mean, low, high = bootstrap_interval(values, ids, resamples=20000, seed=1)
+    sums = np.bincount(ids, weights=values)
+    counts = np.bincount(ids).astype(float)
+    ref = bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True,
+                    vectorized=True, n_resamples=20000, method="percentile", random_state=2)
+    assert mean == pytest.approx(values.mean())
+    assert low == pytest.approx(ref.confidence_interval.low, abs=0.004)
+    assert high == pytest.approx(ref.confidence_interval.high, abs=0.004)
+
+
+def test_bootstrap_resamples_classes_not_queries():
+    """Ten identical queries per class are one class's worth of evidence: the interval must be
+    as wide as with one query per class, far wider than if queries were resampled."""
+    values, ids = per_class_scores(30, 1, 3)
+    _, low1, high1 = bootstrap_interval(values, ids, resamples=4000)
+    _, low10, high10 = bootstrap_interval(np.repeat(values, 10), np.repeat(ids, 10), resamples=4000)
+    assert high10 - low10 == pytest.approx(high1 - low1, rel=0.1)
+
+
+def test_bootstrap_leaves_out_unscored_queries_and_refuses_none():
+    values, ids = per_class_scores(10, 4, 5)
+    with_nan = np.concatenate([values, [np.nan, np.nan]])
+    mean, _, _ = bootstrap_interval(with_nan, np.concatenate([ids, [99, 99]]))
+    assert mean == pytest.approx(values.mean())
+    with pytest.raises(ValueError, match="no query has a relevant index image"):
+        bootstrap_interval(np.array([np.nan, np.nan]), np.array([1, 2]))
+
+
+def test_paired_difference():
+    a, ids = per_class_scores(25, 6, 7)
+    # the same line against itself: exactly zero, not significant
+    assert paired_bootstrap_difference(a, a, ids) == (0.0, 0.0, 0.0)
+    # a constant gain shows as that gain with a zero-width interval, however noisy the classes
+    diff, low, high = paired_bootstrap_difference(a + 0.05, a, ids)
+    assert (diff, low, high) == pytest.approx((0.05, 0.05, 0.05))
+    # pairing matters: the unpaired intervals of two lines overlap, the paired one excludes 0
+    b = a - 0.03 + np.random.default_rng(8).normal(0, 0.01, size=len(a))
+    _, a_low, _ = bootstrap_interval(a, ids)
+    _, _, b_high = bootstrap_interval(b, ids)
+    _, low, _ = paired_bootstrap_difference(a, b, ids)
+    assert a_low < b_high and low > 0

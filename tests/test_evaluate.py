@@ -1,0 +1,105 @@
+"""Scoring one class group: every query counted once, intervals, the reference line, no NaN."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import GroupData, best_zero_shot, group_summary, score_line, split_groups
+from tasks.features import SplitFeatures
+from tasks.params import EvaluateParams
+from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
+from tasks.schemas import write_json
+
+PARAMS = EvaluateParams(k=5, pca_dim=8, bootstrap_resamples=500)
+
+
+def features(ids: list[int], dim: int = 8, seed: int = 0, noise: float = 0.3) -> SplitFeatures:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(42).normal(size=(100, dim))
+    ids_ = np.asarray(ids)
+    emb = (centres[ids_] + noise * rng.normal(size=(len(ids_), dim))).astype(np.float32)
+    return SplitFeatures([f"s{seed}-{i}" for i in range(len(ids_))], ids_, emb)
+
+
+def group_with_orphans() -> GroupData:
+    """Classes 0-5 from source a with index images; class 9 (source b) has queries only:
+    its index images were lost (rejected at shard time, say)."""
+    query = features([c for c in range(6) for _ in range(3)] + [9, 9], seed=1)
+    index = features([c for c in range(6) for _ in range(3)], seed=2)
+    return GroupData(query, index, ["a"] * 18 + ["b"] * 2)
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_queries_without_a_match_are_counted_apart_and_never_become_nan(tmp_path):
+    data = group_with_orphans()
+    results = {"head": score_line(identity, data, PARAMS),
+               "zero_shot_x": score_line(lambda x: identity(x[:, :4]), data, PARAMS)}
+    summary = group_summary(data, results, "zero_shot_x", PARAMS)
+    assert summary["queries"] == 18 and summary["queries_without_match"] == 2
+    assert summary["queries_without_match_per_source"] == {"a": 0, "b": 2}
+    assert summary["classes"] == 6
+    head = summary["lines"]["head"]
+    assert set(head) == {"all", "a"}, "a source with no scorable query gets no score, not NaN"
+    per_query = results["head"]["per_query"]
+    assert head["all"]["mP@5"] == pytest.approx(np.nanmean(per_query), abs=1e-4)
+    write_json(tmp_path / "m.json", summary)  # refuses NaN: this would raise
+    assert "NaN" not in (tmp_path / "m.json").read_text()
+
+
+def test_write_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "m.json", {"x": float("nan")})
+
+
+def test_head_gain_is_paired_and_judged_by_its_interval():
+    data = group_with_orphans()
+    results = {"head": score_line(identity, data, PARAMS),
+               "zero_shot_same": score_line(identity, data, PARAMS)}
+    gain = group_summary(data, results, "zero_shot_same", PARAMS)["head_minus_reference"]
+    assert gain == {"reference": "zero_shot_same", "difference": 0.0, "low": 0.0, "high": 0.0,
+                    "significant": False}
+
+
+def test_reference_line_is_chosen_on_validation_scores():
+    validation = {"zero_shot_a": {"scores": {"all": {"mP@5": 0.6}}},
+                  "zero_shot_b": {"scores": {"all": {"mP@5": 0.7}}},
+                  "head": {"scores": {"all": {"mP@5": 0.9}}}}
+    assert best_zero_shot(validation, 5) == "zero_shot_b"
+
+
+def test_split_groups_follows_the_manifest_and_refuses_an_empty_group():
+    query, index = features([0, 0, 1, 1, 2, 2]), features([0, 1, 2], seed=3)
+    group = {0: "validation", 1: "test", 2: "test"}
+    meta = {k: {"group": group[int(c)], "source": "s"} for f in (query, index)
+            for k, c in zip(f.keys, f.class_ids)}
+    groups = split_groups(query, index, meta)
+    assert sorted(groups["validation"].query.class_ids.tolist()) == [0, 0]
+    assert sorted(groups["test"].index.class_ids.tolist()) == [1, 2]
+    only_test = {k: {**v, "group": "test"} for k, v in meta.items()}
+    with pytest.raises(ValueError, match="no validation classes"):
+        split_groups(query, index, only_test)
+
+
+def test_report_shows_intervals_and_the_verdict():
+    data = group_with_orphans()
+    results = {"head": score_line(identity, data, PARAMS),
+               "zero_shot_x": score_line(lambda x: identity(x[:, :4]), data, PARAMS)}
+    summary = group_summary(data, results, "zero_shot_x", PARAMS)
+    metrics = {"k": 5, "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 0,
+                                     "unit": "query class"},
+               "validation": summary, "test": summary}
+    text = metrics_markdown(metrics)
+    head = summary["lines"]["head"]["all"]
+    assert f"| head | {head['mP@5']:.4f} [{head['low']:.3f}, {head['high']:.3f}]" in text
+    assert "2 queries had no index image" in text and "Test classes" in text
+    assert "significant" in text
+    rows = metrics_rows(metrics)
+    assert {r["group"] for r in rows} == {"test", "validation"}
+    json.dumps(rows, allow_nan=False)
+    assert "+0.0000" in metrics_diff_markdown(metrics, metrics)
