@@ -6,10 +6,9 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows._cli import main
-from tasks.features import load_concat, select
 from tasks.params import TrainParams
-from tasks.schemas import HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, atomic_path, read_table, write_json
-from tasks.train import save_head, train_head
+from tasks.schemas import HEAD_DIR, atomic_path, write_json
+from tasks.train import load_training_inputs, save_head, train_head
 
 
 @flow(name="train")
@@ -17,14 +16,8 @@ def train(variants: list[str], params: TrainParams) -> dict:
     """Train Dropout + Linear-64 + L2 with ArcFace on the concatenated, per-backbone normalised
     features of the training classes; early stopping watches the validation classes."""
     log = get_run_logger()
-    manifest = pl.from_arrow(read_table(MANIFEST, MANIFEST_SCHEMA))
-    group = dict(zip(manifest["key"], manifest["group"]))
-    class_images = dict(zip(manifest["class_id"].to_list(), manifest["class_images"].to_list()))
-    query, index = load_concat(variants, "query"), load_concat(variants, "index")
-    validation = tuple(select(f, [group[key] == "validation" for key in f.keys])
-                       for f in (query, index))
-    result = train_head(load_concat(variants, "train"), load_concat(variants, "val"), params,
-                        validation, class_images)
+    inputs = load_training_inputs(variants)
+    result = train_head(inputs.train, inputs.val, params, inputs.validation, inputs.class_images)
     save_head(result.head, HEAD_DIR, variants, params)
     write_json(HEAD_DIR / "metrics.json", result.metrics)
     with atomic_path(HEAD_DIR / "history.csv") as tmp:

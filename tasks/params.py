@@ -381,6 +381,20 @@ class EvaluateParams(_Section):
     threads: int = Field(1, ge=1)
 
 
+class SweepParams(_Section):
+    """Train recipes that the `sweep` stage scores on the validation classes.
+
+    Each recipe is a set of changes to the `train` section; `train` as it is is
+    always scored too, as the baseline. The choice goes into `train` by hand, so
+    `train` stays what params.yaml says.
+    """
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def recipe(self, name: str, base: TrainParams) -> TrainParams:
+        """`base` with the recipe's changes, validated like the train section itself."""
+        return TrainParams.model_validate({**base.model_dump(), **self.recipes[name]})
+
+
 class ExportParams(_Section):
     # Eval images on which the exported embedder must reproduce the pipeline's embeddings.
     verify_images: int = Field(64, ge=1)
@@ -397,6 +411,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
+    sweep: SweepParams = Field(default_factory=SweepParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -414,6 +429,12 @@ class Params(_Section):
             if key.split("/", 1)[0] not in self.sources or "/" not in key:
                 raise ValueError(f"sample.label_map key {key!r}: must be '<source>/<label>' with a source "
                                  f"from {sorted(self.sources)}")
+        for name in self.sweep.recipes:
+            try:
+                self.sweep.recipe(name, self.train)
+            except ValidationError as exc:
+                problems = "; ".join(_describe(e) for e in exc.errors())
+                raise ValueError(f"sweep.recipes.{name}: {problems}") from None
         for name in list(self.models) + list(self.sources):
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"name {name!r}: use letters, digits and '_' only (it becomes a path and a key)")

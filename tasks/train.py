@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tasks.features import SplitFeatures
+from tasks.features import SplitFeatures, load_concat, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
-from tasks.schemas import atomic_path, write_json
+from tasks.schemas import MANIFEST, MANIFEST_SCHEMA, atomic_path, read_table, write_json
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -57,6 +58,30 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
+
+
+@dataclass
+class TrainingInputs:
+    """What training reads: the training classes' train and val features, the validation
+    classes' query and index features (with each query's source) and every class's
+    catalog size."""
+    train: SplitFeatures
+    val: SplitFeatures
+    validation: tuple[SplitFeatures, SplitFeatures]
+    validation_sources: list[str]
+    class_images: dict[int, int]
+
+
+def load_training_inputs(variants: list[str]) -> TrainingInputs:
+    """The concatenated features of `variants`, split into groups by the manifest."""
+    manifest = pl.from_arrow(read_table(MANIFEST, MANIFEST_SCHEMA))
+    group = dict(zip(manifest["key"], manifest["group"]))
+    source = dict(zip(manifest["key"], manifest["source"]))
+    class_images = dict(zip(manifest["class_id"].to_list(), manifest["class_images"].to_list()))
+    query, index = (select(f, [group[key] == "validation" for key in f.keys])
+                    for f in (load_concat(variants, "query"), load_concat(variants, "index")))
+    return TrainingInputs(load_concat(variants, "train"), load_concat(variants, "val"),
+                          (query, index), [source[key] for key in query.keys], class_images)
 
 
 @dataclass

@@ -117,7 +117,7 @@ def test_full_repro_then_noop(repo):
     path, env = repo
     out = run(path, env, "repro")
     assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "download@glr", "sample", "shard",
-                        "extract@lite0", "train", "evaluate", "export"}
+                        "extract@lite0", "train", "evaluate", "sweep", "export"}
     metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
     lines = {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
     for group in ("validation", "test"):  # scored apart, every score with its interval
@@ -155,14 +155,36 @@ def test_full_repro_then_noop(repo):
     drawn = {(p["model"], p["k"]) for p in plots["data"]["precision_at_k"][0]["content"]["data"]["values"]}
     assert drawn == {(m, str(k)) for m in metrics["test"]["lines"] for k in range(1, depth + 1)}
     assert (path / "data/06_eval/gallery.png").stat().st_size > 0
+    sweep = json.loads((path / "data/08_sweep/sweep.json").read_text())
+    assert sweep["baseline"] == "train" and sweep["chosen"] in sweep["recipes"]
+    assert set(sweep["recipes"]) > {"train"}
     exported = json.loads((path / "data/07_export/embedder.json").read_text())
     assert exported["max_abs_diff_vs_pipeline"] <= 1e-3
+
+
+REPEATABLE = ["data/05_head/head.safetensors", "data/05_head/head.json", "data/05_head/metrics.json",
+              "data/05_head/history.csv", "data/06_eval/metrics.json", "data/06_eval/metrics.md",
+              "data/06_eval/gallery.png", "data/06_eval/precision_at_k.csv",
+              "data/08_sweep/sweep.json"]
+
+
+def test_train_and_evaluate_rerun_give_the_same_bytes(repo):
+    """Forced reruns of train, evaluate and sweep, under another OpenMP thread count, write the
+    same bytes, so dvc.lock does not change without a cause."""
+    path, env = repo
+    before = {name: (path / name).read_bytes() for name in REPEATABLE}
+    threads = {**env, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    for stage in ("train", "evaluate", "sweep"):
+        assert ran(run(path, threads, "repro", "-f", "-s", stage)) == {stage}
+    after = {name: (path / name).read_bytes() for name in REPEATABLE}
+    assert [n for n in REPEATABLE if before[n] != after[n]] == []
+    assert "up to date" in run(path, env, "status")
 
 
 def test_epochs_change_reruns_train_and_what_follows_only(repo):
     path, env = repo
     set_param(path, "train", "epochs", 3)
-    assert ran(run(path, env, "repro")) == {"train", "evaluate", "export"}
+    assert ran(run(path, env, "repro")) == {"train", "evaluate", "sweep", "export"}
 
 
 def shard_images(path: Path) -> int:
@@ -174,7 +196,7 @@ def test_samples_change_reruns_from_sample_on_and_embeds_only_new_images(repo):
     before = shard_images(path)
     set_param(path, "sample", "samples", 5)
     out = run(path, env, "repro")
-    assert ran(out) == {"sample", "shard", "extract@lite0", "train", "evaluate", "export"}
+    assert ran(out) == {"sample", "shard", "extract@lite0", "train", "evaluate", "sweep", "export"}
     after = shard_images(path)
     assert after > before
     # DVC reran extract (its shards changed); the stage embedded only the images it had not seen
@@ -209,7 +231,7 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    assert ran(out) == {"train", "evaluate", "export"} and "| head |" in out
+    assert ran(out) == {"train", "evaluate", "sweep", "export"} and "| head |" in out
     query = json.dumps({"artifacts": {"key": {"any_": ["guie-pipeline-metrics"]}}}).encode()
     req = urllib.request.Request(f"{env['PREFECT_API_URL']}/artifacts/filter", data=query,
                                  headers={"Content-Type": "application/json"})
@@ -224,7 +246,8 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     by_flow: dict[str, set[str]] = {}
     for r in runs:
         by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
-    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "export", "pipeline"}
+    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "sweep", "export",
+                           "pipeline"}
     assert all(states == {"COMPLETED"} for states in by_flow.values()), by_flow
 
 
@@ -251,7 +274,7 @@ def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
                            "--output", str(tmp_path / "report.md")],
                           cwd=path, env={**env, "GITHUB_STEP_SUMMARY": str(summary)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "export"}
+    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "sweep", "export"}
     report = (tmp_path / "report.md").read_text()
     assert summary.read_text() == report
     assert re.search(r"\|\s*params.yaml\s*\|\s*train.epochs\s*\|\s*2\s*\|\s*4\s*\|", report), report

@@ -59,3 +59,13 @@ def test_bad_model_kind(raw):
     bad = copy.deepcopy(raw)
     bad["models"]["lite0"] = {"kind": "efficientnet_lite", "arch": "lite7"}
     assert "models.lite0" in error_of(bad) and "lite7" in error_of(bad)
+
+
+def test_sweep_recipe_is_checked_like_the_train_section(raw):
+    raw["sweep"] = {"recipes": {"typo": {"haed": "bn_linear"}}}
+    message = error_of(raw)
+    assert "sweep.recipes.typo" in message and "haed" in message
+    raw["sweep"] = {"recipes": {"big": {"embedding_dim": 128}}}
+    assert "sweep.recipes.big" in error_of(raw) and "<= 64" in error_of(raw)
+    raw["sweep"] = {"recipes": {"ok": {"head": "bn_linear"}}}
+    assert parse_params(raw).sweep.recipe("ok", parse_params(raw).train).head == "bn_linear"
