@@ -10,8 +10,6 @@ choice is written into `train`.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from tasks.evaluate import GroupData, fit_pca, score_line
@@ -32,13 +30,10 @@ def validation_group(inputs: TrainingInputs) -> GroupData:
 
 def score_recipe(params: TrainParams, inputs: TrainingInputs, evaluate: EvaluateParams) -> dict:
     """Train one recipe and score it on the validation classes."""
-    start = time.perf_counter()
     result = train_head(inputs.train, inputs.val, params, inputs.validation, inputs.class_images)
-    seconds = time.perf_counter() - start
     line = score_line(lambda x: embed_with_head(result.head, x), validation_group(inputs), evaluate)
     return {"per_query": line["per_query"], "scores": line["scores"],
-            "epochs_run": result.metrics["epochs_run"], "epoch_kept": result.metrics["epoch_kept"],
-            "train_seconds": round(seconds, 1)}
+            "epochs_run": result.metrics["epochs_run"], "epoch_kept": result.metrics["epoch_kept"]}
 
 
 def score_zero_shot(inputs: TrainingInputs, evaluate: EvaluateParams) -> dict:
@@ -61,8 +56,7 @@ def summarise(scored: dict[str, dict], baseline: str, inputs: TrainingInputs,
         recipes[name] = {"changes": changes.get(name, {}), "validation": s["scores"],
                          "minus_baseline": {"difference": round(diff, 4), "low": round(low, 4),
                                             "high": round(high, 4)},
-                         **{key: s[key] for key in ("epochs_run", "epoch_kept", "train_seconds")
-                            if key in s}}
+                         **{key: s[key] for key in ("epochs_run", "epoch_kept") if key in s}}
     trained = [name for name in scored if name != ZERO_SHOT_LINE]
     chosen = max(trained, key=lambda name: (scored[name]["scores"]["all"][f"mP@{k}"],
                                             name == baseline))
