@@ -14,15 +14,35 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test data-packages metrics server deploy worker preset
+.PHONY: setup demo test data-packages metrics server deploy worker preset lock
 
 setup: $(STAMP) data-packages
 
-$(STAMP): pyproject.toml Makefile
+# requirements.lock pins every dependency but the torch stack with hashes; torch is the
+# accelerator's choice (TORCH_SPEC), installed first, and `pip check` proves the two agree.
+PIP := $(PY) -m pip --disable-pip-version-check
+$(STAMP): pyproject.toml requirements.lock Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-deps --require-hashes -r requirements.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (newest versions that fit, with hashes),
+# against the torch that TORCH_SPEC names, then leave the torch stack out of it.
+TORCH_STACK := ^(torch|torchvision|torchaudio|triton|nvidia-[^=]*|cuda-[^=]*)==
+lock:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q pip-tools
+	printf '%s\n' $(TORCH_SPEC) > $(VENV)/torch-constraint.txt
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --extra test --strip-extras --allow-unsafe \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host --no-header \
+		--constraint $(VENV)/torch-constraint.txt --output-file $(VENV)/full.lock pyproject.toml
+	{ echo "# Exact versions and hashes of every dependency but the torch stack, for Python 3.11"; \
+	  echo "# on Linux x86_64. Torch is each machine's choice (Makefile: TORCH_SPEC); made by"; \
+	  echo "# \`make lock\` with $(TORCH_SPEC). Install: see the Makefile's setup."; \
+	  awk '/^[^ #]/ { skip = ($$0 ~ /$(TORCH_STACK)/) } !skip' $(VENV)/full.lock; } > requirements.lock
 
 # Debian data the embedded default reads; installed when we can, explained when we can't.
 data-packages:
