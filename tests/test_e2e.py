@@ -279,8 +279,41 @@ def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
     assert summary.read_text() == report
     assert re.search(r"\|\s*params.yaml\s*\|\s*train.epochs\s*\|\s*2\s*\|\s*4\s*\|", report), report
     assert "test.lines.head.all.mP@5" in report and "train_loss" in report
+    assert "No DVC remote configured" in report
     git(path, env, "checkout", "-q", "--", "params.yaml")
     run(path, env, "repro")
+
+
+def test_team_remote_round_trip_and_ci_recomputes_only_what_changed(repo, tmp_path):
+    """Push outputs and run-cache to a folder remote; a teammate's fresh clone pulls them and
+    has nothing to run; CI on a params change pulls, reruns only the stale stages and pushes."""
+    path, env = repo
+    remote = tmp_path / "remote"
+    run(path, env, "repro")
+    git(path, env, "add", "-A")
+    git(path, env, "commit", "-qm", "shared", "--allow-empty")
+    run(path, env, "remote", "add", "--local", "--default", "team", str(remote))
+    run(path, env, "push", "--run-cache")
+
+    teammate = tmp_path / "teammate"
+    git(tmp_path, env, "clone", "-q", str(path), str(teammate))
+    run(teammate, env, "remote", "add", "--local", "--default", "team", str(remote))
+    run(teammate, env, "pull", "--run-cache")
+    assert "up to date" in run(teammate, env, "status")
+    assert ran(run(teammate, env, "repro")) == set()
+
+    ci = tmp_path / "ci"
+    git(tmp_path, env, "clone", "-q", str(path), str(ci))
+    set_param(ci, "train", "epochs", 5)
+    proc = subprocess.run([sys.executable, str(REPO / ".ci" / "reevaluate.py"), "--base", "HEAD",
+                           "--output", str(tmp_path / "report.md")], cwd=ci,
+                          env={**env, "DVC_REMOTE_URL": str(remote)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "sweep", "export"}
+    report = (tmp_path / "report.md").read_text()
+    assert "Pulled from DVC remote `ci`" in report and "export, sweep, train" in report
+    # what CI computed is on the remote now
+    assert "in sync" in run(ci, env, "status", "--cloud")
 
 
 def test_dvc_experiments_run_and_show_metrics(repo):
