@@ -61,7 +61,8 @@ def reproduce(remote: str | None) -> str:
 
 def report(base: str, how: str = "") -> str:
     params = dvc("params", "diff", base, "--md") or "No params changed."
-    metrics = dvc("metrics", "diff", base, "--all", "--md", "--precision", "4") or "No metrics found."
+    metrics = (dvc("metrics", "diff", base, "--all", "--md", "--precision", "4")
+               or "No metrics found.")
     return (f"## Re-evaluation against `{base}`\n\n" + (f"{how}\n\n" if how else "")
             + f"### Params changed\n\n{params}\n\n"
             f"### Metrics (base -> this change)\n\n{metrics}\n")
@@ -69,9 +70,11 @@ def report(base: str, how: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True, help="git revision to compare with, e.g. origin/main")
+    parser.add_argument("--base", required=True,
+                        help="git revision to compare with, e.g. origin/main")
     parser.add_argument("--output", type=Path, default=Path("reevaluation.md"))
-    parser.add_argument("--no-repro", action="store_true", help="only diff (the pipeline already ran)")
+    parser.add_argument("--no-repro", action="store_true",
+                        help="only diff (the pipeline already ran)")
     args = parser.parse_args()
     how = "" if args.no_repro else reproduce(configure_remote())
     markdown = report(args.base, how)

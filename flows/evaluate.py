@@ -48,13 +48,15 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     score(f"zero_shot_pca{dim}_concat", fit_pca(train.embeddings, dim), query, index)
     head, head_variants = load_head(HEAD_DIR)
     if head_variants != variants:
-        raise ValueError(f"head was trained on {head_variants}, features are {variants}; rerun train")
+        raise ValueError(f"head was trained on {head_variants}, features are {variants}; "
+                         "rerun train")
     score("head", lambda x: embed_with_head(head, x), query, index)
 
     reference = best_zero_shot(results["validation"], params.k)
     groups = split_groups(query, index, meta)
     metrics = {"k": params.k,
-               "bootstrap": {"resamples": params.bootstrap_resamples, "confidence": params.confidence,
+               "bootstrap": {"resamples": params.bootstrap_resamples,
+                             "confidence": params.confidence,
                              "seed": params.seed, "unit": "query class"},
                **{g: group_summary(groups[g], results[g], reference, params) for g in results}}
     write_json(EVAL_DIR / "metrics.json", metrics)
@@ -73,7 +75,8 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     render_gallery(rows, EVAL_DIR / "gallery.png")
 
     create_table_artifact(metrics_rows(metrics), key="guie-eval-metrics",
-                          description="mP@5 with its interval per class group, model line and source")
+                          description="mP@5 with its interval per class group, model line "
+                                      "and source")
     png = base64.b64encode((EVAL_DIR / "gallery.png").read_bytes()).decode()
     create_markdown_artifact(table + f"\n![retrieval gallery](data:image/png;base64,{png})\n",
                              key="guie-eval-gallery",

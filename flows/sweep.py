@@ -45,7 +45,8 @@ def sweep(params: Params) -> dict:
     table = sweep_markdown(summary)
     write_json(SWEEP_DIR / "sweep.json", summary)
     write_bytes(SWEEP_DIR / "sweep.md", table.encode("utf-8"))
-    create_markdown_artifact(table, key="guie-sweep", description="train recipes on validation classes")
+    create_markdown_artifact(table, key="guie-sweep",
+                             description="train recipes on validation classes")
     log.info("sweep (chosen: %s):\n%s", summary["chosen"], table)
     return summary
 

@@ -40,7 +40,8 @@ def fit_pca(train: np.ndarray, dim: int) -> Embed:
                          "lower evaluate.pca_dim")
     pca = faiss.PCAMatrix(train.shape[1], dim)
     pca.train(np.ascontiguousarray(l2_normalize(train), dtype=np.float32))
-    return lambda x: l2_normalize(pca.apply(np.ascontiguousarray(l2_normalize(x), dtype=np.float32)))
+    return lambda x: l2_normalize(pca.apply(np.ascontiguousarray(l2_normalize(x),
+                                                                 dtype=np.float32)))
 
 
 def _interval(per_query: np.ndarray, classes: np.ndarray, params: EvaluateParams) -> dict:
@@ -98,7 +99,8 @@ def group_summary(data: GroupData, results: dict[str, dict], reference: str,
 
 def best_zero_shot(validation: dict[str, dict], k: int) -> str:
     """The zero-shot line with the best mP@k on the validation classes (never on test)."""
-    zero = {n: r["scores"]["all"][f"mP@{k}"] for n, r in validation.items() if n.startswith(ZERO_SHOT)}
+    zero = {name: r["scores"]["all"][f"mP@{k}"] for name, r in validation.items()
+            if name.startswith(ZERO_SHOT)}
     return max(sorted(zero), key=lambda name: zero[name])
 
 

@@ -83,7 +83,8 @@ def _class_bootstrap(values: np.ndarray, query_classes: np.ndarray, resamples: i
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, BOOTSTRAP_CHUNK):
-        draws = rng.integers(0, len(counts), size=(min(BOOTSTRAP_CHUNK, resamples - start), len(counts)))
+        size = (min(BOOTSTRAP_CHUNK, resamples - start), len(counts))
+        draws = rng.integers(0, len(counts), size=size)
         means[start:start + len(draws)] = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
@@ -100,7 +101,8 @@ def bootstrap_interval(per_query: np.ndarray, query_classes: np.ndarray, resampl
     scored = ~np.isnan(per_query)
     if not scored.any():
         raise ValueError("no query has a relevant index image: mP@k is undefined")
-    return _class_bootstrap(per_query[scored], np.asarray(query_classes)[scored], resamples, seed, level)
+    classes = np.asarray(query_classes)[scored]
+    return _class_bootstrap(per_query[scored], classes, resamples, seed, level)
 
 
 def paired_bootstrap_difference(a: np.ndarray, b: np.ndarray, query_classes: np.ndarray,

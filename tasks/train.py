@@ -116,8 +116,8 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.T
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
 
 
-def _validation_classes_score(head: nn.Module, validation: tuple[SplitFeatures, SplitFeatures] | None,
-                              ) -> float:
+def _validation_classes_score(head: nn.Module,
+                              validation: tuple[SplitFeatures, SplitFeatures] | None) -> float:
     """mP@5 of the validation classes' queries against their index: classes the head never
     saw, like the test classes, so early stopping selects for what is reported."""
     if validation is None or not validation[0].keys or not validation[1].keys:
@@ -188,7 +188,8 @@ def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
     xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, x.shape[1])
     yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long)
 
-    head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout, params.branches)
+    head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout,
+                      params.branches)
     arc = make_loss(params, classes, class_images)
     optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
     opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
@@ -199,7 +200,8 @@ def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
     if params.schedule == "step":
         shape = warmup_step(warmup, steps_per_epoch, params.step_epochs, params.step_gamma)
     else:
-        shape = (warmup_cosine if params.schedule == "cosine" else warmup_linear_decay)(total, warmup)
+        decay = warmup_cosine if params.schedule == "cosine" else warmup_linear_decay
+        shape = decay(total, warmup)
     sched = LambdaLR(opt, shape)
     gen = torch.Generator().manual_seed(params.seed)
 

@@ -14,7 +14,8 @@ from tasks.sweep import score_recipe, summarise, sweep_markdown
 from tasks.train import TrainingInputs, embed_with_head, load_training_inputs, train_head
 
 EVALUATE = EvaluateParams(pca_dim=8, bootstrap_resamples=300)
-META = {"dim": "4", "model_name": "m", "pretrained": "", "checkpoint_sha256": "0", "image_size": "8"}
+META = {"dim": "4", "model_name": "m", "pretrained": "", "checkpoint_sha256": "0",
+        "image_size": "8"}
 
 
 def clusters(classes: range, per_class: int, dim: int, seed: int) -> SplitFeatures:
@@ -67,7 +68,10 @@ def test_training_inputs_never_hold_test_classes(in_tmp):
     rows, per_split = [], {"train": [], "val": [], "query": [], "index": []}
     for c, group in groups.items():
         for j in range(4):
-            split = ("train" if j < 3 else "val") if group == "train" else ("query" if j % 2 else "index")
+            if group == "train":
+                split = "train" if j < 3 else "val"
+            else:
+                split = "query" if j % 2 else "index"
             key = f"k{c}-{j}"
             rows.append({"key": key, "source": "s", "label": str(c), "class_id": c, "path": key,
                          "split": split, "group": group, "class_images": 100 + c})
