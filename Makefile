@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # This machine ships these builds on local disk; elsewhere pick your own,
 # e.g. `make demo TORCH_SPEC="torch torchvision"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-DEB_PACKAGES := dataset-fashion-mnist opencv-doc
+DEB_PACKAGES := dataset-fashion-mnist opencv-doc gcompris-qt-data
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Keep Prefect's local database and settings inside the project, not in ~/.prefect.
@@ -54,7 +54,8 @@ data-packages:
 	else \
 		echo "NOTE: missing Debian packages: $$missing"; \
 		echo "      install them with: sudo apt-get install $$missing"; \
-		echo "      (without opencv-doc the photo source has fewer classes; without dataset-fashion-mnist"; \
+		echo "      (without opencv-doc or gcompris-qt-data the photo source has fewer classes;"; \
+		echo "       without dataset-fashion-mnist"; \
 		echo "       set sources.fashion_mnist.uri to the dataset's public URL)"; \
 	fi
 

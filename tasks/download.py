@@ -80,12 +80,12 @@ def staged_dir(final: Path) -> Iterator[Path]:
 
 def render_photo_views(photo: Photo, root: Path, views: int, size: int, seed: int) -> list[Row]:
     """Write `views` seeded random views of one photo as JPEGs; returns catalog rows."""
-    with Image.open(photo.path) as im:
+    with photo.open() as im:
         im.draft("RGB", (4 * size, 4 * size))  # JPEG: decode at reduced scale, much faster
         base = im.convert("RGB")
     base.thumbnail((3 * size, 3 * size), Image.Resampling.LANCZOS)
     rows = []
-    label = check_component(photo.label, source="package_photos", entry=str(photo.path))  # a folder
+    label = check_component(photo.label, source="package_photos", entry=photo.origin)  # a folder
     for i in range(views):
         rel = Path("images") / label / f"{i:04d}.jpg"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
