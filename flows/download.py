@@ -125,7 +125,12 @@ def download(source: str, spec: SourceParams) -> int:
             photos = find_photos(photo_dirs(), spec.exclude, spec.duplicate_threshold)
             log.info("%d distinct photos from %s", len(photos), sorted(photo_dirs()))
             futures = render_views.map(photos, unmapped(root), spec.views, spec.max_side, spec.seed)
-            rows = [row for f in futures for row in f.result()]
+            rendered = [f.result() for f in futures]
+            rows = [row for photo_rows, _ in rendered for row in photo_rows]
+            skips = [skip for _, photo_skips in rendered for skip in photo_skips]
+            dl.write_skips(skips, root)  # photos whose views cannot have content
+            for s in skips:
+                log.warning("left out %s (%s): %s", s.label, s.path, s.reason)
         elif isinstance(spec, FashionMnistSource):
             rows = fetch_fashion_mnist(spec, root, source)
         elif isinstance(spec, ImageFolderSource):

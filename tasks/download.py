@@ -29,7 +29,7 @@ from tasks.photos import Photo
 from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, FAILURES_NAME, FAILURES_SCHEMA, SKIPPED_NAME,
                            SKIPPED_SCHEMA, write_table)
 from tasks.urls import Fetched
-from tasks.views import random_view, view_rng
+from tasks.views import NoContent, random_view, view_rng
 
 Row = dict[str, str]
 
@@ -78,20 +78,26 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def render_photo_views(photo: Photo, root: Path, views: int, size: int, seed: int) -> list[Row]:
-    """Write `views` seeded random views of one photo as JPEGs; returns catalog rows."""
+def render_photo_views(photo: Photo, root: Path, views: int, size: int, seed: int,
+                       ) -> tuple[list[Row], list[Skip]]:
+    """Write `views` seeded random views of one photo as JPEGs; returns catalog rows, or no rows
+    and the reason when a view cannot be given content (tasks/views.NoContent)."""
     with photo.open() as im:
         im.draft("RGB", (4 * size, 4 * size))  # JPEG: decode at reduced scale, much faster
         base = im.convert("RGB")
     base.thumbnail((3 * size, 3 * size), Image.Resampling.LANCZOS)
-    rows = []
     label = check_component(photo.label, source="package_photos", entry=photo.origin)  # a folder
+    files = {}
     for i in range(views):
-        rel = Path("images") / label / f"{i:04d}.jpg"
+        try:
+            files[Path("images") / label / f"{i:04d}.jpg"] = random_view(
+                base, view_rng(seed, photo.label, i), size)
+        except NoContent as exc:  # the whole photo or none: a class is all its views
+            return [], [Skip(photo.origin, photo.label, f"view {i}: {exc}")]
+    for rel, jpeg in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        random_view(base, view_rng(seed, photo.label, i), size).save(root / rel, quality=90)
-        rows.append({"path": rel.as_posix(), "label": photo.label})
-    return rows
+        (root / rel).write_bytes(jpeg)
+    return [{"path": rel.as_posix(), "label": photo.label} for rel in files], []
 
 
 def write_fashion_mnist(spec: FashionMnistSource, root: Path, source: str) -> list[Row]:
