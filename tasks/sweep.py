@@ -3,9 +3,10 @@
 Every recipe is trained on the training classes and scored on the validation
 classes' queries against their index, with the class-bootstrap interval of
 its mP@5 and the paired interval of its difference from the baseline recipe
-(`train` as params.yaml has it). The recipe with the best validation mP@5 is
-the choice; the test classes are scored once, by `dvc repro`, after the
-choice is written into `train`.
+(`train` as params.yaml has it). The choice is the recipe with the best
+validation mP@5 among those whose paired interval lies above 0, or the
+baseline when none does; the test classes are scored once, by `evaluate`,
+after the choice is written into `train`.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def summarise(scored: dict[str, dict], baseline: str, inputs: TrainingInputs,
                          "minus_baseline": {"difference": round(diff, 4), "low": round(low, 4),
                                             "high": round(high, 4)},
                          **{key: s[key] for key in ("epochs_run", "epoch_kept") if key in s}}
-    trained = [name for name in scored if name != ZERO_SHOT_LINE]
-    chosen = max(trained, key=lambda name: (scored[name]["scores"]["all"][f"mP@{k}"],
-                                            name == baseline))
+    # A recipe replaces the baseline only when it is better beyond doubt: its paired
+    # interval lies above 0. Otherwise every sweep would chase the noise of the last.
+    better = [name for name in scored if name not in (ZERO_SHOT_LINE, baseline)
+              and recipes[name]["minus_baseline"]["low"] > 0]
+    chosen = max(better, key=lambda name: scored[name]["scores"]["all"][f"mP@{k}"],
+                 default=baseline)
     unscored = np.isnan(scored[baseline]["per_query"])
     return {"k": k, "baseline": baseline, "chosen": chosen,
             "validation_classes": int(len(np.unique(classes[~unscored]))),

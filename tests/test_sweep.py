@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.features import SplitFeatures, select
-from tasks.metrics import mean_precision_at_k
+from tasks.metrics import bootstrap_interval, mean_precision_at_k
 from tasks.params import EvaluateParams, TrainParams
 from tasks.schemas import FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, write_features, write_table
 from tasks.sweep import score_recipe, summarise, sweep_markdown
@@ -46,20 +46,44 @@ def test_recipe_scores_are_the_validation_classes_mp5_of_the_trained_head():
     assert scored["scores"]["all"]["low"] <= expected <= scored["scores"]["all"]["high"]
 
 
-def test_the_choice_is_the_best_validation_score_and_ties_keep_the_baseline():
+def scored_line(per_query: np.ndarray, classes: np.ndarray) -> dict:
+    mean, low, high = bootstrap_interval(per_query, classes, 300)
+    return {"per_query": per_query, "scores": {"all": {"mP@5": mean, "low": low, "high": high}},
+            "epochs_run": 1, "epoch_kept": 1}
+
+
+def test_a_recipe_is_chosen_only_when_its_paired_gain_excludes_zero():
     data = inputs()
-    base = TrainParams(epochs=4, batch_size=16, embedding_dim=8)
-    recipes = {"train": base, "one_epoch": base.model_copy(update={"epochs": 1}),
-               "same": base.model_copy()}
-    scored = {name: score_recipe(p, data, EVALUATE) for name, p in recipes.items()}
-    summary = summarise(scored, "train", data, {"one_epoch": {"epochs": 1}, "same": {}}, EVALUATE)
-    best = max(s["scores"]["all"]["mP@5"] for s in scored.values())
-    assert summary["recipes"][summary["chosen"]]["validation"]["all"]["mP@5"] == best
+    classes = data.validation[0].class_ids
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, size=len(classes))
+    class_noise = {c: rng.choice([-0.5, 0.5]) for c in np.unique(classes)}
+    scored = {
+        "train": scored_line(base, classes),
+        "better": scored_line(base + 0.05, classes),  # +0.05 on every query: beyond doubt
+        # a higher mean, but half the classes gain 0.56 and half lose 0.44: not beyond doubt
+        "noisy": scored_line(base + 0.06 + np.array([class_noise[c] for c in classes]), classes),
+        "same": scored_line(base.copy(), classes),
+    }
+    changes = {"better": {"lr": 0.01}, "noisy": {"dropout": 0.1}, "same": {}}
+    summary = summarise(scored, "train", data, changes, EVALUATE)
+    noisy, better = summary["recipes"]["noisy"], summary["recipes"]["better"]
+    assert noisy["validation"]["all"]["mP@5"] > better["validation"]["all"]["mP@5"]
+    assert noisy["minus_baseline"]["low"] < 0 < better["minus_baseline"]["low"]
+    assert summary["chosen"] == "better"
     assert summary["recipes"]["same"]["minus_baseline"]["difference"] == 0.0
-    if scored["train"]["scores"]["all"]["mP@5"] == best:
-        assert summary["chosen"] == "train"  # a tie never moves away from the baseline
+    del scored["better"]
+    assert summarise(scored, "train", data, changes, EVALUATE)["chosen"] == "train"
     table = sweep_markdown(summary)
-    assert "(chosen)" in table and "epochs=1" in table
+    assert "better (chosen)" in table and "lr=0.01" in table
+
+
+def test_recipe_scores_feed_the_summary():
+    data = inputs()
+    scored = {"train": score_recipe(TrainParams(epochs=1, batch_size=16, embedding_dim=8), data,
+                                    EVALUATE)}
+    summary = summarise(scored, "train", data, {}, EVALUATE)
+    assert summary["chosen"] == "train" and summary["validation_classes"] == 8
 
 
 def test_training_inputs_never_hold_test_classes(in_tmp):
