@@ -5,7 +5,9 @@ name, an archive member, a URL list's file name, a label used as a folder, a
 path read from a table) passes through here. The checks run on the name as
 the file system will see it: after percent-decoding (for URLs) and on its
 NFKC form too, so that `%2F`, a fullwidth solidus or `．．` cannot smuggle a
-separator or a parent reference past them.
+separator or a parent reference past them. Control characters (C0, DEL, C1)
+and bidirectional controls are refused too: they cut or disguise a name in
+the logs, tables and terminals that show it. Messages show a name escaped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SEPARATORS = ("/", "\\")
+# C0 controls, DEL and the C1 controls: NUL ends a C string, a newline splits a log line or a
+# CSV row, ESC drives the terminal that shows a message.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Bidirectional controls (LRM, RLM, ALM, the embeddings and overrides, the isolates): they
+# reorder how a name is shown, so `photo\u202egpj.exe` reads as `photoexe.jpg`.
+_BIDI = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class UnsafeName(ValueError):
@@ -34,8 +42,10 @@ def _problem(component: str) -> str | None:
     """Why one path component is unsafe, or None."""
     if not component:
         return "an empty name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in component):
+    if _CONTROL.search(component):
         return "a control character (NUL included)"
+    if _BIDI.search(component):
+        return "a bidirectional control character (it reorders how the name is shown)"
     for form in {component, unicodedata.normalize("NFKC", component)}:
         if any(sep in form for sep in _SEPARATORS):
             return "a path separator"

@@ -27,6 +27,13 @@ BAD_COMPONENTS = [
     ("x" * (MAX_COMPONENT_BYTES + 1), f"more than {MAX_COMPONENT_BYTES} bytes"),
     ("é" * (MAX_COMPONENT_BYTES // 2 + 1), f"more than {MAX_COMPONENT_BYTES} bytes"),  # in UTF-8
 ]
+# every C0 control, DEL and every C1 control (NEL, CSI, ...)
+CONTROLS = [chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]]
+# the bidirectional marks, embeddings, overrides and isolates (U+202E shows `gpj.exe` backwards)
+BIDI = ["\u061c", "\u200e", "\u200f", *map(chr, range(0x202A, 0x202F)),
+        *map(chr, range(0x2066, 0x206A))]
+BAD_COMPONENTS += [(f"photo{c}x.jpg", "a control character") for c in CONTROLS]
+BAD_COMPONENTS += [(f"photo{c}gpj.exe", "a bidirectional control character") for c in BIDI]
 
 
 @pytest.mark.parametrize("name, why", BAD_COMPONENTS)
@@ -36,8 +43,18 @@ def test_bad_components_are_refused_naming_source_and_entry(name, why):
     assert str(info.value).startswith("sources.web: row 7: refused name")
 
 
+def test_a_refused_character_is_shown_escaped_in_the_message():
+    for c in ["\x1b", "\x85", "\u202e"]:
+        with pytest.raises(UnsafeName) as info:
+            check_component(f"a{c}b", source="s", entry="e")
+        assert c not in str(info.value) and repr(f"a{c}b") in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["photo.jpg", "训练 图片.png", "a..b", "...", "%2F", "100%",
-                                  "x" * MAX_COMPONENT_BYTES, "名" * (MAX_COMPONENT_BYTES // 3)])
+                                  "x" * MAX_COMPONENT_BYTES, "名" * (MAX_COMPONENT_BYTES // 3),
+                                  "صورة.jpg", "תמונה.jpg",  # right-to-left letters are letters
+                                  "a\xa0b", "\u00a9 2024",  # no-break space, the first after C1
+                                  "👩\u200d🔬.jpg"])  # a zero-width joiner inside an emoji
 def test_ordinary_names_pass_unchanged(name):
     assert check_component(name, source="s", entry="e") == name
 
@@ -52,6 +69,9 @@ def test_ordinary_names_pass_unchanged(name):
     ("a/b\\..\\c", "a path separator"),
     ("a/\uff0e\uff0e/b", "current or parent folder"),
     ("a/b\x00.jpg", "a control character"),
+    ("a\x85b/c.jpg", "a control character"),  # NEL, a C1 line break
+    ("train/evil\u202egpj.exe", "a bidirectional control character"),
+    ("\u2067x/y.jpg", "a bidirectional control character"),
     ("a/" + "x" * (MAX_COMPONENT_BYTES + 1), f"more than {MAX_COMPONENT_BYTES} bytes"),
     ("a/" * (MAX_PATH_BYTES // 2) + "x", f"more than {MAX_PATH_BYTES} bytes"),
     ("./", "no file name"),
@@ -71,6 +91,11 @@ def test_relative_paths_are_normalised_to_their_components():
     ("https://h/x%2f..%2fevil.sh", "a path separator"),
     ("https://h/..%5C..%5Cevil.bat", "a path separator"),
     ("https://h/evil%00.jpg", "a control character"),
+    ("https://h/evil%0A.jpg", "a control character"),
+    ("https://h/evil%7F.jpg", "a control character"),
+    ("https://h/evil%C2%9B.jpg", "a control character"),  # CSI (U+009B) in UTF-8
+    ("https://h/evil%E2%80%AEgpj.exe", "a bidirectional control character"),  # U+202E
+    ("https://h/a%D8%9Cb.jpg", "a bidirectional control character"),  # U+061C
     ("https://h/a/%2E%2E", "current or parent folder"),
     ("https://h/%EF%BC%8E%EF%BC%8E", "current or parent folder"),  # fullwidth `．．` in UTF-8
     ("https://h/a%EF%BC%8Fb.jpg", "a path separator"),  # fullwidth `／`
