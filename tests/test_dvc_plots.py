@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from conftest import REPO
-from tasks.evaluate import write_curves
+from tasks.report import write_curves
 
 DVC = Path(sys.executable).parent / "dvc"
 

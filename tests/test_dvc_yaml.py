@@ -41,10 +41,19 @@ def test_every_stage_depends_on_exactly_the_code_its_flow_imports():
         assert code <= needed, f"stage {name} depends on modules it never imports: {sorted(code - needed)}"
 
 
-def test_every_stage_declares_exactly_its_own_params_section():
+# Sections a stage reads besides its own: the variant list (which features, in which
+# order) for the stages that combine backbones; train and evaluate for the sweep,
+# whose recipes are changes to train scored the way evaluate scores.
+ALSO_READS = {"train": {"models"}, "evaluate": {"models"}, "export": {"models"},
+              "sweep": {"models", "train", "evaluate"}}
+
+
+def test_every_stage_declares_exactly_the_params_sections_it_reads():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    own = {"models": "models", "download": "sources", "extract": "extract"}
     for name, stage in stages.items():
         body = stage.get("do", stage)
         sections = {p.split(".")[0] for p in body["params"]}
-        assert sections == {name if name in params else {"models": "models", "download": "sources", "extract": "extract"}[name]}
+        expected = {name if name in params else own[name]} | ALSO_READS.get(name, set())
+        assert sections == expected, name
