@@ -6,7 +6,8 @@ Sources are untrusted (issue 11), so `tasks.http_download.download` asks this mo
 - a redirect must stay on http(s) and never go from https down to http;
 - a URL list's hosts must resolve to public addresses (not loopback, private, link-local,
   unspecified, multicast or reserved) unless the source allows private ones; checked after DNS
-  resolution, on every hop;
+  resolution, on every hop, and for an IPv6 address that embeds an IPv4 one (IPv4-mapped,
+  NAT64, 6to4, Teredo) on that IPv4 address too;
 - a download stops, and its `.part` is deleted, when it passes its byte limit (announced by
   Content-Length or counted as it streams);
 - a `.part` is resumed only with `If-Range` and the validator (strong ETag, or a strong
@@ -56,10 +57,47 @@ def check_redirect(src: str, dst: str) -> None:
 # -------------------------------------------------------------------- addresses
 
 
+# NAT64's well-known prefix (RFC 6052): 64:ff9b::a.b.c.d is a.b.c.d, reached through a gateway.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def translated_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """(how, the IPv4 address) an IPv6 address stands for (IPv4-mapped, NAT64), or None.
+
+    Such an address is the IPv4 one under another name: it is judged as that address alone,
+    so `::ffff:127.0.0.1` is loopback and NAT64's `64:ff9b::808:808` is as public as 8.8.8.8.
+    """
+    if ip.ipv4_mapped is not None:
+        return "an IPv4-mapped", ip.ipv4_mapped
+    if ip in NAT64:
+        return "a NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def tunnelled_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """(how, address) for each IPv4 address a tunnelled IPv6 address leads to: 6to4's router,
+    Teredo's server and client. Packets to it go to those IPv4 hosts, so each must be public."""
+    found = [("a 6to4", ip.sixtofour)] if ip.sixtofour is not None else []
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("a Teredo server", server), ("a Teredo client", client)]
+    return found
+
+
 def address_problem(ip: IPAddress) -> str | None:
-    """Why a URL list may not reach `ip` (None for a public unicast address)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """Why a URL list may not reach `ip` (None for a public unicast address).
+
+    An IPv6 address that embeds an IPv4 one (IPv4-mapped, NAT64, 6to4, Teredo) is judged by
+    that IPv4 address too, and the reason names it: `2002:7f00:1::` leads to 127.0.0.1.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        if (translated := translated_ipv4(ip)) is not None:
+            how, v4 = translated
+            why = address_problem(v4)
+            return None if why is None else f"{how} address of {v4}, {why}"
+        for how, v4 in tunnelled_ipv4(ip):
+            if (why := address_problem(v4)) is not None:
+                return f"{how} address of {v4}, {why}"
     for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return f"{'an' if kind[0] == 'u' else 'a'} {kind.replace('_', '-')} address"
@@ -80,15 +118,16 @@ def check_public_address(url: str) -> None:
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
-        addresses = {ipaddress.ip_address(host)}
+        addresses, literal = {ipaddress.ip_address(host)}, True
     except ValueError:
         try:
             addresses = resolve_host(host, parts.port or (443 if parts.scheme == "https" else 80))
         except (OSError, UnicodeError) as exc:
             raise Refused(f"{url}: cannot resolve host {host!r} ({exc})") from None
+        literal = False
     for ip in sorted(addresses, key=str):
         if (why := address_problem(ip)) is not None:
-            shown = host if host == str(ip) else f"{host} resolves to {ip}"
+            shown = host if literal else f"{host} resolves to {ip}"
             raise Refused(f"{url}: refused address: {shown}, {why} "
                           "(set allow_private_addresses: true on the source to allow it)")
 

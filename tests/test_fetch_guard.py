@@ -230,6 +230,48 @@ def test_non_public_addresses_are_refused(url, why):
 def test_public_addresses_pass():
     check_public_address("http://8.8.8.8/x")
     check_public_address("https://[2606:4700:4700::1111]/x")
+    check_public_address("http://[::ffff:8.8.8.8]/x")  # IPv4-mapped 8.8.8.8
+    check_public_address("http://[64:ff9b::808:808]/x")  # 8.8.8.8 through NAT64 (IPv6-only nets)
+
+
+# IPv6 addresses that lead to an IPv4 address inside your network
+EMBEDDED = [
+    ("::ffff:10.0.0.1", "an IPv4-mapped address of 10.0.0.1, a private address"),
+    ("::ffff:169.254.169.254", "an IPv4-mapped address of 169.254.169.254, a link-local"),
+    ("64:ff9b::7f00:1", "a NAT64 address of 127.0.0.1, a loopback address"),
+    ("64:ff9b::a9fe:a9fe", "a NAT64 address of 169.254.169.254, a link-local address"),
+    ("64:ff9b::c0a8:101", "a NAT64 address of 192.168.1.1, a private address"),
+    ("2002:7f00:1::", "a 6to4 address of 127.0.0.1, a loopback address"),
+    ("2002:a00:1::1", "a 6to4 address of 10.0.0.1, a private address"),
+    ("2002:a9fe:a9fe::1", "a 6to4 address of 169.254.169.254, a link-local address"),
+    # Teredo: 2001:0:<server>:<flags>:<port>:<client>, the client's bits inverted
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "a Teredo client address of 127.0.0.1, a loopback"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "a Teredo client address of 10.0.0.1, a private"),
+    ("2001:0:a00:1:8000:63bf:f7f7:f7f7", "a Teredo server address of 10.0.0.1, a private"),
+]
+
+
+@pytest.mark.parametrize("address, why", EMBEDDED)
+def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_embeds(address, why):
+    with pytest.raises(Refused, match=re.escape(f"refused address: {address}, {why}")):
+        check_public_address(f"http://[{address}]:8080/x.jpg")
+
+
+def test_a_host_resolving_to_an_embedding_ipv6_address_is_refused(server, tmp_path,
+                                                                    monkeypatch):
+    """DNS may answer with such an address (a hostile zone's AAAA record): every address a name
+    resolves to is judged, and nothing is asked of the host."""
+    monkeypatch.setattr(http_guard, "resolve_host", lambda host, port: {
+        ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("2002:7f00:1::")})
+    port = server.server.server_address[1]
+    url = f"http://images.example:{port}/data.tar"
+    with pytest.raises(Refused, match="images.example resolves to 2002:7f00:1::, a 6to4 address "
+                                      "of 127.0.0.1, a loopback address"):
+        download(url, tmp_path / "d", public_only=True)
+    for address, _ in EMBEDDED:
+        with pytest.raises(Refused, match="allow_private_addresses: true"):
+            download(f"http://[{address}]:{port}/data.tar", tmp_path / "d", public_only=True)
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
 
 
 def test_every_redirect_hop_is_checked_after_resolution(server, tmp_path, monkeypatch):
