@@ -26,7 +26,7 @@ from tasks.params import (DatasetSource, FashionMnistSource, Fetch, ImageFolderS
                           SourceParams, UrlsSource)
 from tasks.photos import find_photos, photo_dirs
 from tasks.schemas import RAW_DIR
-from tasks.urls import UrlRow, fetch_urls, read_url_list
+from tasks.urls import RowLimit, UrlRow, fetch_urls, read_url_list
 
 render_views = task(dl.render_photo_views, name="render-views", cache_policy=NO_CACHE)
 link_imagefolder = task(dl.link_imagefolder, name="link-imagefolder", cache_policy=NO_CACHE)
@@ -98,7 +98,8 @@ def _urls(source: str, spec: UrlsSource, root: Path) -> list[dict]:
     list_limit = ByteLimit(spec.max_list_bytes, f"sources.{source}.max_list_bytes")
     listing = fetch_one(Fetch(url=spec.uri, sha256=spec.sha256), cache, fresh=True,  # lists change
                         source=source, limit=list_limit)
-    rows = read_url_list(listing, spec.url_column, spec.label_column)
+    rows = read_url_list(listing, spec.url_column, spec.label_column, shown=spec.uri,
+                         limit=RowLimit(spec.max_list_rows, f"sources.{source}.max_list_rows"))
     chunks = [rows[i:i + URL_CHUNK] for i in range(0, len(rows), URL_CHUNK)]
     start = time.perf_counter()
     with tqdm(total=len(rows), unit="img", desc=f"download[{source}]", mininterval=2.0) as bar:

@@ -239,6 +239,9 @@ class UrlsSource(_Section):
     max_image_bytes: int = Field(50 * MiB, ge=1)
     # Bytes of the list itself: GLDv2's train.csv with URLs (4.1M rows) is about 500 MB.
     max_list_bytes: int = Field(4 * GiB, ge=1)
+    # Rows of the list: GLDv2's 4.1M fit; a Parquet file stores millions of equal rows in
+    # kilobytes, so bytes alone do not bound what reading it costs (counted before decoding).
+    max_list_rows: int = Field(10_000_000, ge=1)
     # A third party's list may name hosts inside your network (127.0.0.1, 10.x, 169.254.169.254
     # cloud metadata): refused, on every redirect hop too, unless this is true.
     allow_private_addresses: bool = False

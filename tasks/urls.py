@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 import polars as pl
+import pyarrow.parquet as pq
 
 from tasks.fetch import USER_AGENT, FetchError, download
 from tasks.http_guard import ByteLimit
@@ -44,13 +45,65 @@ class Fetched:
     error: str = ""
 
 
-def read_url_list(path: Path, url_column: str, label_column: str) -> list[UrlRow]:
-    """The rows of a CSV or Parquet URL list; a missing column is a clear error."""
-    frame = (pl.read_parquet(path) if path.suffix.lower() == ".parquet"
-             else pl.read_csv(path, infer_schema_length=0))
-    missing = [c for c in (url_column, label_column) if c not in frame.columns]
+class TooManyRows(ValueError):
+    """A URL list with more rows than its limit; none of it was read or fetched."""
+
+
+@dataclass(frozen=True)
+class RowLimit:
+    """At most `max_rows` rows in a URL list; `key` is the params key that sets it."""
+
+    max_rows: int
+    key: str
+
+    def check(self, shown: str, rows: int, where: str = "") -> None:
+        """Raise TooManyRows when `rows` (counted, or declared `where`) pass the limit."""
+        if rows > self.max_rows:
+            count = f"{rows:,} rows{where}" if where else f"more than {self.max_rows:,} rows"
+            raise TooManyRows(f"{shown}: the URL list has {count}, over {self.key} = "
+                              f"{self.max_rows:,}; nothing was fetched (raise the limit in "
+                              "params.yaml if the list really is this long)")
+
+
+def _parquet_columns(path: Path, limit: RowLimit | None, shown: str) -> list[str]:
+    """A Parquet list's column names, once its metadata says it is within `limit`.
+
+    Dictionary and run-length encodings store millions of equal rows in a few kilobytes, so
+    the rows are counted from the footer (the file's count and its row groups') before any
+    are decoded.
+    """
+    meta = pq.ParquetFile(path).metadata
+    groups = sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    if limit:
+        limit.check(shown, max(meta.num_rows, groups), " in its metadata")
+    return meta.schema.to_arrow_schema().names
+
+
+def read_url_list(path: Path, url_column: str, label_column: str, *,
+                  limit: RowLimit | None = None, shown: str | None = None) -> list[UrlRow]:
+    """The rows of a CSV, TSV (by its name) or Parquet URL list, within `limit`.
+
+    A missing column is a clear error. Only the two columns are decoded, and never more than
+    one row past the limit: a CSV is read until the limit is passed, a Parquet file is
+    refused from its metadata. `shown` names the list in errors (its URL; else the file).
+    """
+    shown = shown or path.name
+    n_rows = limit.max_rows + 1 if limit else None
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        columns = _parquet_columns(path, limit, shown)
+    else:
+        separator = "\t" if suffix == ".tsv" else ","
+        columns = pl.read_csv(path, n_rows=0, separator=separator).columns
+    missing = [c for c in (url_column, label_column) if c not in columns]
     if missing:
-        raise ValueError(f"{path.name}: missing columns {missing}; it has {frame.columns}")
+        raise ValueError(f"{shown}: missing columns {missing}; it has {columns}")
+    wanted = [url_column, label_column]
+    frame = (pl.read_parquet(path, columns=wanted, n_rows=n_rows) if suffix == ".parquet"
+             else pl.read_csv(path, columns=wanted, n_rows=n_rows, separator=separator,
+                              infer_schema_length=0))
+    if limit:
+        limit.check(shown, frame.height)
     return [UrlRow(str(u), str(l)) for u, l in zip(frame[url_column], frame[label_column])]
 
 

@@ -93,3 +93,75 @@ def test_private_addresses_are_fetched_when_the_source_allows_them(in_tmp, serve
         download("web", spec)
     assert [r.path for r in server.requests] == ["/list.csv"]
     assert download("web", spec.model_copy(update={"allow_private_addresses": True})) == 2
+
+
+# ------------------------------------------------------------------------- list rows
+
+
+def equal_rows_parquet(path, rows: int):
+    """A Parquet URL list of `rows` equal rows: dictionary and run-length encoded, a few KB."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = pa.array(["http://img.example/a.jpg"]).dictionary_encode()
+    label = pa.array(["a"]).dictionary_encode()
+    table = pa.table({"url": url.take([0] * rows), "label": label.take([0] * rows)})
+    pq.write_table(table, path, compression="zstd")
+    return path
+
+
+def test_a_parquet_list_is_refused_from_its_metadata_before_it_is_decoded(tmp_path):
+    from tasks.urls import RowLimit, TooManyRows, read_url_list
+
+    path = equal_rows_parquet(tmp_path / "list.parquet", 2_000_000)
+    assert path.stat().st_size < 20_000  # two million rows in a few kilobytes
+    limit = RowLimit(1_999_999, "sources.web.max_list_rows")
+    with pytest.raises(TooManyRows) as info:
+        read_url_list(path, "url", "label", limit=limit, shown="https://lists.example/l.parquet")
+    assert str(info.value).startswith(
+        "https://lists.example/l.parquet: the URL list has 2,000,000 rows in its metadata, "
+        "over sources.web.max_list_rows = 1,999,999; nothing was fetched")
+    rows = read_url_list(path, "url", "label", limit=RowLimit(2_000_000, "k"))
+    assert len(rows) == 2_000_000 and rows[-1].url == "http://img.example/a.jpg"
+
+
+@pytest.mark.parametrize("name, separator", [("list.csv", ","), ("list.tsv", "\t")])
+def test_a_csv_or_tsv_list_is_read_only_until_its_limit_is_passed(tmp_path, name, separator):
+    import gzip
+
+    from tasks.urls import RowLimit, TooManyRows, read_url_list
+
+    body = f"url{separator}label\n" + f"http://img.example/a.jpg{separator}a\n" * 3_000_000
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body.encode(), 9))  # polars inflates a gzip list itself
+    assert path.stat().st_size < 400_000  # 3M rows, 90 MB once inflated
+    with pytest.raises(TooManyRows, match=rf"{name}: the URL list has more than 10 rows, "
+                                          r"over sources.web.max_list_rows = 10;"):
+        read_url_list(path, "url", "label", limit=RowLimit(10, "sources.web.max_list_rows"))
+    path.write_text("".join(f"{u}{separator}{v}\n" for u, v in [
+        ("url", "label"), ("http://a/1.jpg", "x"), ("http://a/2.jpg", "y")]))
+    rows = read_url_list(path, "url", "label", limit=RowLimit(2, "k"))
+    assert [(r.url, r.label) for r in rows] == [("http://a/1.jpg", "x"), ("http://a/2.jpg", "y")]
+
+
+def test_a_list_over_max_list_rows_stops_the_source_before_any_image(in_tmp, server):
+    from flows.download import download
+    from tasks.params import parse_params
+    from tasks.urls import TooManyRows
+
+    assert UrlsSource(kind="urls", uri="x").max_list_rows == 10_000_000
+    for i in range(4):
+        server.files[f"/img/{i}.jpg"] = jpeg_bytes(i)
+    lines = ["url,label"] + [f"{server.url}/img/{i}.jpg,c{i % 2}" for i in range(4)]
+    server.files["/list.csv"] = ("\n".join(lines) + "\n").encode()
+    spec = UrlsSource(kind="urls", uri=f"{server.url}/list.csv", max_list_rows=3,
+                      allow_private_addresses=True, retries=0)
+    with pytest.raises(TooManyRows, match=rf"{server.url}/list.csv: the URL list has more than "
+                                          r"3 rows, over sources.web.max_list_rows = 3"):
+        download("web", spec)
+    assert [r.path for r in server.requests] == ["/list.csv"]  # no image was asked for
+    assert not (RAW_DIR / "web").exists()
+    raised = spec.model_copy(update={"max_list_rows": 4})  # what params.yaml raises it to
+    assert download("web", raised) == 4
+    with pytest.raises(Exception, match="sources.web.max_list_rows = 0"):
+        parse_params({"sources": {"web": {"kind": "urls", "uri": "x", "max_list_rows": 0}}})
