@@ -20,7 +20,7 @@ from tqdm import tqdm
 from flows._cli import main
 from tasks import download as dl
 from tasks.fetch import ChecksumMismatch, FetchError, fetch
-from tasks.http_guard import ByteLimit
+from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.layouts import LayoutError
 from tasks.params import (DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, PackagePhotosSource,
                           SourceParams, UrlsSource)
@@ -50,14 +50,14 @@ fetch_fashion_mnist = task(dl.write_fashion_mnist, name="fetch-fashion-mnist",
 @task(name="fetch-file", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
       retry_condition_fn=_worth_retrying)
 def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = False, *,
-              source: str, limit: ByteLimit) -> Path:
+              source: str, limit: ByteLimit, time_limit: TimeLimit) -> Path:
     def grow(n: int) -> None:  # each download adds its size as it starts: bytes/s and an ETA
         bar.total = (bar.total or 0) + n
         bar.refresh()
 
     path = fetch(item.url, item.sha256, cache, progress=bar.update if bar is not None else None,
                  fresh=fresh, on_size=grow if bar is not None else None,
-                 source=f"sources.{source}", limit=limit)
+                 source=f"sources.{source}", limit=limit, time_limit=time_limit)
     get_run_logger().info("fetched %s -> %s", item.url, path)
     return path
 
@@ -69,7 +69,9 @@ def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, source: s
                       timeout_s=spec.timeout_s, backoff_s=spec.backoff_s,
                       on_done=(lambda _: bar.update(1)) if bar is not None else None,
                       limit=ByteLimit(spec.max_image_bytes, f"sources.{source}.max_image_bytes"),
-                      allow_private=spec.allow_private_addresses, source=f"sources.{source}")
+                      allow_private=spec.allow_private_addresses, source=f"sources.{source}",
+                      time_limit=TimeLimit(spec.max_image_seconds,
+                                           f"sources.{source}.max_image_seconds"))
 
 
 def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
@@ -79,8 +81,10 @@ def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
     items = spec.fetches()
     with tqdm(unit="B", unit_scale=True, desc=f"download[{source}]", mininterval=2.0) as bar:
         limit = ByteLimit(spec.max_download_bytes, f"sources.{source}.max_download_bytes")
+        slow = TimeLimit(spec.max_download_seconds, f"sources.{source}.max_download_seconds")
         paths = [f.result() for f in fetch_one.map(items, unmapped(cache), unmapped(bar),
-                                                   source=unmapped(source), limit=unmapped(limit))]
+                                                   source=unmapped(source), limit=unmapped(limit),
+                                                   time_limit=unmapped(slow))]
     placed = place.map(paths, items, unmapped(root), unmapped(spec), unmapped(source))  # archives: extracted
     bases = [b for b in (f.result() for f in placed) if b is not None]
     dataset_root, rows, skips = dl.read_layout(spec.kind, spec, [root] + bases)
@@ -96,8 +100,9 @@ def _urls(source: str, spec: UrlsSource, root: Path) -> list[dict]:
     log = get_run_logger()
     cache = Path(spec.download_cache).resolve()
     list_limit = ByteLimit(spec.max_list_bytes, f"sources.{source}.max_list_bytes")
+    list_time = TimeLimit(spec.max_list_seconds, f"sources.{source}.max_list_seconds")
     listing = fetch_one(Fetch(url=spec.uri, sha256=spec.sha256), cache, fresh=True,  # lists change
-                        source=source, limit=list_limit)
+                        source=source, limit=list_limit, time_limit=list_time)
     rows = read_url_list(listing, spec.url_column, spec.label_column, shown=spec.uri,
                          limit=RowLimit(spec.max_list_rows, f"sources.{source}.max_list_rows"))
     chunks = [rows[i:i + URL_CHUNK] for i in range(0, len(rows), URL_CHUNK)]

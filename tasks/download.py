@@ -20,7 +20,7 @@ from PIL import Image
 from tasks import fashion_mnist, layouts
 from tasks.archives import ArchiveLimits, is_archive, safe_extract
 from tasks.fetch import KAGGLE_HELP, kaggle_credentials, local_path, parse_kaggle
-from tasks.http_guard import ByteLimit
+from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.layouts import Skip
 from tasks.names import check_component, check_relative_path, url_file_name
 from tasks.params import (CsvSource, DatasetSource, DeepFashionC2sSource, FashionMnistSource,
@@ -103,11 +103,13 @@ def render_photo_views(photo: Photo, root: Path, views: int, size: int, seed: in
 def write_fashion_mnist(spec: FashionMnistSource, root: Path, source: str) -> list[Row]:
     """Write the first `per_class` training images of each class as PNGs.
 
-    The files come through the shared fetcher (cache, retries, sha256, the source's byte limit).
+    The files come through the shared fetcher (cache, retries, sha256, the source's byte and
+    time limits).
     """
     images, labels = fashion_mnist.load_fashion_mnist(
         spec.uri, Path(spec.download_cache).resolve(), source=f"sources.{source}",
         limit=ByteLimit(spec.max_download_bytes, f"sources.{source}.max_download_bytes"),
+        time_limit=TimeLimit(spec.max_download_seconds, f"sources.{source}.max_download_seconds"),
         sha256=dict(spec.sha256))
     per_class = spec.per_class
     rows = []

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from tasks.fetch import ChecksumMismatch, fetch
-from tasks.http_guard import ByteLimit
+from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.schemas import sha256_file
 
 CLASS_NAMES = ("tshirt_top", "trouser", "pullover", "dress", "coat",
@@ -49,10 +49,10 @@ KNOWN_SHA256 = {
 
 
 def fetch_checked(url: str, cache: Path, expected: set[str], *, source: str,
-                  limit: ByteLimit | None) -> Path:
+                  limit: ByteLimit | None, time_limit: TimeLimit | None = None) -> Path:
     """One file through the shared fetcher, kept only when its sha256 is one of `expected`."""
     try:
-        path = fetch(url, None, cache, source=source, limit=limit)
+        path = fetch(url, None, cache, source=source, limit=limit, time_limit=time_limit)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc} ({DEBIAN_HINT})") from None
     got = sha256_file(path)
@@ -99,7 +99,7 @@ def parse_idx(fh: BinaryIO, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.nd
 
 
 def load_fashion_mnist(uri: str, cache: Path, *, source: str = "fashion_mnist",
-                       limit: ByteLimit | None = None,
+                       limit: ByteLimit | None = None, time_limit: TimeLimit | None = None,
                        sha256: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels uint8 [N]) of the training split at `uri`.
 
@@ -111,7 +111,8 @@ def load_fashion_mnist(uri: str, cache: Path, *, source: str = "fashion_mnist",
                          "local path")
     own = {name: {digest.lower()} for name, digest in (sha256 or {}).items()}
     paths = [fetch_checked(f"{base}/{name}", cache, own.get(name, set(KNOWN_SHA256[name])),
-                           source=source, limit=limit) for name in TRAIN_FILES]
+                           source=source, limit=limit, time_limit=time_limit)
+             for name in TRAIN_FILES]
     images = read_idx(paths[0], _IMAGES_MAGIC)
     labels = read_idx(paths[1], _LABELS_MAGIC)
     if len(images) != len(labels):

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse, urlsplit
 # download and its errors are used through this module too (one place to import fetching from)
 from tasks.http_download import (USER_AGENT, ChecksumMismatch, FetchError,  # noqa: F401
                                  download, retry_after_seconds)
-from tasks.http_guard import ByteLimit, Refused, TooLarge  # noqa: F401
+from tasks.http_guard import ByteLimit, Refused, TimeLimit, TooLarge, TooSlow  # noqa: F401
 from tasks.names import (MAX_COMPONENT_BYTES, UnsafeName, check_component, check_relative_path,
                          url_file_name)
 from tasks.schemas import sha256_file
@@ -232,15 +232,18 @@ def local_path(url: str, source: str = "download") -> Path | None:
 
 def fetch(url: str, sha256: str | None, cache: Path, progress: Callable[[int], None] | None = None,
           fresh: bool = False, on_size: Callable[[int], None] | None = None, *,
-          source: str = "download", limit: ByteLimit | None = None) -> Path:
-    """A local path for one uri: local paths as they are, http(s) downloaded (within `limit`) into
-    `cache`, kaggle through its API. `source` names where the uri came from in errors."""
+          source: str = "download", limit: ByteLimit | None = None,
+          time_limit: TimeLimit | None = None) -> Path:
+    """A local path for one uri: local paths as they are, http(s) downloaded (within `limit` and
+    `time_limit`) into `cache`, kaggle through its API (within `limit`: Kaggle's client keeps
+    its own time). `source` names where the uri came from in errors."""
     path = local_path(url, source)
     if path is None:
         if urlsplit(url).scheme == "kaggle":
             return kaggle_download(url, cache, limit)
         return download(url, cache_path(cache, url, source), sha256, progress=progress,
-                        fresh=fresh and not sha256, on_size=on_size, limit=limit)
+                        fresh=fresh and not sha256, on_size=on_size, limit=limit,
+                        time_limit=time_limit)
     if not path.exists():
         raise FileNotFoundError(f"{url}: no such file or folder")
     if sha256 and path.is_file() and (got := sha256_file(path)) != sha256.lower():

@@ -5,7 +5,7 @@ connection with a Range request guarded by If-Range, retries timeouts, 429
 (after its Retry-After) and 5xx with exponential backoff, checks the
 sha256, and renames the file into place only when it is complete and
 verified (until then it is `<name>.part`, which nothing reads as a finished
-download). Redirects, addresses and byte limits are checked on the way
+download). Redirects, addresses, byte and time limits are checked on the way
 (tasks/http_guard.py says what is refused and why).
 """
 
@@ -20,14 +20,15 @@ from typing import Callable, Iterator
 
 import httpx
 
-from tasks.http_guard import (MAX_REDIRECTS, ByteLimit, Refused, check_public_address,
+from tasks.http_guard import (MAX_REDIRECTS, ByteLimit, Refused, TimeLimit, check_public_address,
                               check_redirect, discard, resumable, same_version, save_validator,
                               validator_of)
 from tasks.schemas import sha256_file
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 USER_AGENT = "guie-pipeline (+https://github.com/guie-pipeline)"
-CHUNK = 1 << 20
+# A read cut short by the time limit ends this far past it, so the limit's check sees it passed.
+PAST_LIMIT_S = 0.1
 
 
 class FetchError(RuntimeError):
@@ -63,21 +64,57 @@ def backoff_wait(attempt: int, backoff_s: float, hint: float | None, cap: float 
     return min(cap, hint) if hint is not None else min(cap, backoff_s * 2 ** (attempt - 1))
 
 
+class _Clock:
+    """The seconds one download has spent on its requests, against its TimeLimit.
+
+    Only time connected counts (a hostile server controls it), not waits for a gate (other
+    downloads' turns) or between retries (bounded by the retries and their cap).
+    """
+
+    def __init__(self, url: str, limit: TimeLimit | None):
+        self.url, self.limit, self.spent, self.since = url, limit, 0.0, None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self.since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.spent, self.since = self.elapsed(), None
+
+    def elapsed(self) -> float:
+        return self.spent + (time.monotonic() - self.since if self.since is not None else 0.0)
+
+    def check(self) -> None:
+        """Raise TooSlow once the limit is passed."""
+        if self.limit:
+            self.limit.check(self.url, self.elapsed())
+
+    def timeout(self, timeout_s: float) -> float:
+        """The read timeout for a request sent now: no read may wait past the limit."""
+        if not self.limit:
+            return timeout_s
+        left = self.limit.max_seconds - self.elapsed()
+        return min(timeout_s, max(0.0, left) + PAST_LIMIT_S)
+
+
 def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 5,
              backoff_s: float = 1.0, timeout_s: float = 60.0, client: httpx.Client | None = None,
              progress: Callable[[int], None] | None = None,
              sleep: Callable[[float], None] = time.sleep,
              gate: AbstractContextManager | None = None, fresh: bool = False,
              on_size: Callable[[int], None] | None = None, limit: ByteLimit | None = None,
-             public_only: bool = False) -> Path:
-    """GET `url` into `dest` (resuming, retrying, verified, within `limit`); returns `dest`.
+             public_only: bool = False, time_limit: TimeLimit | None = None) -> Path:
+    """GET `url` into `dest` (resuming, retrying, verified, within `limit` and `time_limit`).
 
     Waits between attempts are not spent holding `gate`. `progress` gets
     each chunk's size, `on_size` once the bytes still to come (for an ETA).
     Redirects stay on http(s) and never downgrade https; `public_only` (URL
     lists) also refuses hosts that resolve to non-public addresses, on
-    every hop. A refusal (`http_guard.Refused`, TooLarge included) is not
-    retried and leaves no `.part` behind.
+    every hop. `time_limit` bounds the seconds spent on requests, all
+    attempts together, checked at every read (a slow-loris server trickling
+    bytes is cut off). A refusal (`http_guard.Refused`, TooLarge and TooSlow
+    included) is not retried and leaves no `.part` behind. Returns `dest`.
 
     An existing `dest` is trusted when no sha256 is given or it matches: a
     rerun fetches nothing it already has (unless `fresh`: small files that
@@ -95,6 +132,7 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
                                              "Accept-Encoding": "identity"})
     attempt = 0
     sized = [on_size is None]
+    clock = _Clock(url, time_limit)
 
     def size_once(n: int) -> None:
         if not sized[0]:
@@ -104,11 +142,13 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
     try:
         while True:
             try:
-                with gate or nullcontext():  # e.g. a per-host limit, held only while connected
+                # the gate (a per-host limit) is held, and the clock runs, only while connected
+                with gate or nullcontext(), clock.running():
                     _get_once(client, url, part, timeout_s, progress, size_once, limit,
-                              public_only)
+                              public_only, clock)
                 break
             except (httpx.TransportError, _Retry) as exc:
+                clock.check()  # a read cut off at the time limit is that limit's error
                 attempt += 1
                 if attempt > retries:
                     why = exc or type(exc).__name__
@@ -132,10 +172,11 @@ def download(url: str, dest: Path, sha256: str | None = None, *, retries: int = 
 
 @contextmanager
 def _open(client: httpx.Client, url: str, headers: dict[str, str], timeout_s: float,
-          public_only: bool) -> Iterator[httpx.Response]:
+          public_only: bool, clock: _Clock) -> Iterator[httpx.Response]:
     """The response at the end of `url`'s redirects, each hop checked before it is requested."""
-    request = client.build_request("GET", url, headers=headers, timeout=timeout_s)
+    request = client.build_request("GET", url, headers=headers, timeout=clock.timeout(timeout_s))
     for _ in range(MAX_REDIRECTS + 1):
+        clock.check()
         if public_only:
             check_public_address(str(request.url))
         response = client.send(request, stream=True, follow_redirects=False)
@@ -144,6 +185,7 @@ def _open(client: httpx.Client, url: str, headers: dict[str, str], timeout_s: fl
         response.close()
         check_redirect(str(request.url), str(response.next_request.url))
         request = response.next_request
+        request.extensions["timeout"] = httpx.Timeout(clock.timeout(timeout_s)).as_dict()
     else:
         raise Refused(f"{url}: more than {MAX_REDIRECTS} redirects")
     try:
@@ -154,11 +196,12 @@ def _open(client: httpx.Client, url: str, headers: dict[str, str], timeout_s: fl
 
 def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
               progress: Callable[[int], None] | None, on_size: Callable[[int], None],
-              limit: ByteLimit | None, public_only: bool) -> None:
-    """One request: resume `part` (If-Range) or start it over, writing at most `limit` bytes."""
+              limit: ByteLimit | None, public_only: bool, clock: _Clock) -> None:
+    """One request: resume `part` (If-Range) or start it over, writing at most `limit` bytes
+    and stopping when `clock` passes its limit."""
     have, validator = resumable(part, url)
     headers = {"Range": f"bytes={have}-", "If-Range": validator.if_range()} if have else {}
-    with _open(client, url, headers, timeout_s, public_only) as r:
+    with _open(client, url, headers, timeout_s, public_only, clock) as r:
         if r.status_code == 416 and have:  # our .part is already whole (or stale): start over
             discard(part)
             raise _Retry("range not satisfiable", wait=0.0)
@@ -185,10 +228,11 @@ def _get_once(client: httpx.Client, url: str, part: Path, timeout_s: float,
             on_size(int(length))
         written = have
         with open(part, "ab" if resumed else "wb") as fh:
-            for chunk in r.iter_bytes(CHUNK):
+            for chunk in r.iter_bytes():  # as each read returns: a trickle is seen, not buffered
                 written += len(chunk)
                 if limit:
                     limit.check(url, written)
+                clock.check()
                 fh.write(chunk)
                 if progress:
                     progress(len(chunk))

@@ -9,7 +9,8 @@ Sources are untrusted (issue 11), so `tasks.http_download.download` asks this mo
   resolution, on every hop, and for an IPv6 address that embeds an IPv4 one (IPv4-mapped,
   NAT64, 6to4, Teredo) on that IPv4 address too;
 - a download stops, and its `.part` is deleted, when it passes its byte limit (announced by
-  Content-Length or counted as it streams);
+  Content-Length or counted as it streams) or its time limit (seconds spent on its requests,
+  so a server that trickles a byte at a time, each within the read timeout, cannot hold it);
 - a `.part` is resumed only with `If-Range` and the validator (strong ETag, or a strong
   Last-Modified date) of the response that began it, kept beside it in `<part>.meta.json`, so a
   file that changed upstream is fetched whole instead of spliced.
@@ -40,6 +41,10 @@ class Refused(ValueError):
 
 class TooLarge(Refused):
     """A download passed its byte limit; the message names the file, the limit and its key."""
+
+
+class TooSlow(Refused):
+    """A download passed its time limit; the message names the URL, the limit and its key."""
 
 
 # -------------------------------------------------------------------- redirects
@@ -159,6 +164,29 @@ class ByteLimit:
             raise TooLarge(f"{url}: the download {what}, over {self.key} = {self.max_bytes} "
                            f"({human_bytes(self.max_bytes)}); nothing was kept (raise the limit "
                            "in params.yaml if the file really is this large)")
+
+
+def human_seconds(s: float) -> str:
+    """21600 -> '6.0 h': limits in errors, readable."""
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:g} s"
+
+
+@dataclass(frozen=True)
+class TimeLimit:
+    """At most `max_seconds` spent on one file's requests (all its attempts together); `key` is
+    the params key that sets it."""
+
+    max_seconds: float
+    key: str
+
+    def check(self, url: str, spent: float) -> None:
+        """Raise TooSlow when `spent` seconds pass the limit."""
+        if spent > self.max_seconds:
+            raise TooSlow(f"{url}: the download took more than {self.key} = {self.max_seconds:g} "
+                          f"s ({human_seconds(self.max_seconds)}); nothing was kept (raise the "
+                          "limit in params.yaml if the server really is this slow)")
 
 
 # ----------------------------------------------------------------------- resume

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PARAMS_FILE = Path("params.yaml")
 MiB, GiB = 1 << 20, 1 << 30
+HOUR = 3600.0
 
 
 class ParamsError(ValueError):
@@ -93,6 +94,8 @@ class FashionMnistSource(_Section):
                  Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(default_factory=dict)
     # The published training images are 26 MB; 64 MiB leaves room and stops a runaway server.
     max_download_bytes: int = Field(64 * MiB, ge=1)
+    # Seconds per file on its requests (all retries together): stops a server that trickles.
+    max_download_seconds: float = Field(6 * HOUR, gt=0.0)
     download_cache: str = ".cache/downloads"
 
 
@@ -137,6 +140,10 @@ class DatasetSource(_Section):
     # largest published files of these kinds (Products-10K's and RP2K's zips, DeepFashion's
     # img.zip, GLDv2's 500 MB tars) are well under 64 GiB; ImageNet and GLR2021 raise it.
     max_download_bytes: int = Field(64 * GiB, ge=1)
+    # Seconds per file on its requests (all retries together), so a server that trickles a byte
+    # at a time, each within the read timeout, cannot hold the stage for ever; 6 h fetch 100 GiB
+    # at 5 MB/s (Kaggle's own client is not bounded by it).
+    max_download_seconds: float = Field(6 * HOUR, gt=0.0)
     # Limits per archive extracted (tasks/archives.py), so a bomb stops before it fills the disk.
     # Entries: Kaggle's ImageNet zip, the largest a preset reads, lists about 2.0M (1.28M train,
     # 150k val/test images, 0.6M box XMLs), GLR2021's about 1.6M, a GLDv2 tar about 8,000.
@@ -242,6 +249,10 @@ class UrlsSource(_Section):
     # Rows of the list: GLDv2's 4.1M fit; a Parquet file stores millions of equal rows in
     # kilobytes, so bytes alone do not bound what reading it costs (counted before decoding).
     max_list_rows: int = Field(10_000_000, ge=1)
+    # Seconds per image, and for the list, on their requests (all retries together): a 50 MiB
+    # image at 100 KB/s takes 9 min; a server that trickles bytes to hold a connection is cut off.
+    max_image_seconds: float = Field(600.0, gt=0.0)
+    max_list_seconds: float = Field(6 * HOUR, gt=0.0)
     # A third party's list may name hosts inside your network (127.0.0.1, 10.x, 169.254.169.254
     # cloud metadata): refused, on every redirect hop too, unless this is true.
     allow_private_addresses: bool = False

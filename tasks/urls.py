@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from tasks.fetch import USER_AGENT, FetchError, download
-from tasks.http_guard import ByteLimit
+from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.images import IMAGE_SUFFIXES
 from tasks.names import url_file_name
 
@@ -165,10 +165,12 @@ class _Gate:
 def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: int, retries: int,
                timeout_s: float, backoff_s: float,
                on_done: Callable[[Fetched], None] | None = None, limit: ByteLimit | None = None,
-               allow_private: bool = False, source: str = "urls") -> list[Fetched]:
+               allow_private: bool = False, source: str = "urls",
+               time_limit: TimeLimit | None = None) -> list[Fetched]:
     """Fetch every row (already-cached ones return at once); results keep the rows' order.
 
-    Each image is at most `limit` bytes; hosts (and redirect hops) must resolve to public
+    Each image is at most `limit` bytes and `time_limit` seconds (a trickling server must not
+    hold a connection slot for ever); hosts (and redirect hops) must resolve to public
     addresses unless `allow_private`: a third party's list must not reach into your network.
     """
     limits = Limits.shared(concurrency, per_host)
@@ -177,7 +179,8 @@ def fetch_urls(rows: list[UrlRow], cache: Path, *, concurrency: int, per_host: i
         try:
             path = download(row.url, cached_path(cache, row.url, source), retries=retries,
                             backoff_s=backoff_s, timeout_s=timeout_s, client=limits.client,
-                            gate=limits.gate(row.url), limit=limit, public_only=not allow_private)
+                            gate=limits.gate(row.url), limit=limit, public_only=not allow_private,
+                            time_limit=time_limit)
             result = Fetched(row.url, row.label, path)
         except (FetchError, httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
             why = str(exc).removeprefix(f"{source}: ").removeprefix(f"{row.url}: ")

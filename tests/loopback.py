@@ -3,7 +3,7 @@
 Used by the download tests and by benchmarks/download.py. Each path can be
 given faults: drop the connection halfway through the body, answer an error
 status N times, answer 429 with a Retry-After, wait before answering,
-redirect elsewhere, or ignore If-Range. Range requests are honoured (206)
+trickle the body a byte at a time, redirect elsewhere, or ignore If-Range. Range requests are honoured (206)
 as real file servers do: every file has a strong ETag (from its bytes) and a
 Last-Modified date (a new one each time the file is replaced), and a Range
 with an If-Range that no longer matches gets the whole file (200), per RFC
@@ -36,6 +36,7 @@ class Fault:
     last_modified: bool = True  # send its Last-Modified
     ignore_if_range: bool = False  # a broken server: a Range is served even when the file changed
     no_length: bool = False  # no Content-Length: the body ends when the connection closes
+    trickle_s: float = 0.0  # send the body a byte at a time, this long apart (a slow loris)
 
 
 @dataclass
@@ -189,5 +190,11 @@ class Loopback:
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)  # cut mid-body, as a dropped link does
+            return
+        if fault is not None and fault.trickle_s:
+            for i in range(len(body)):
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+                time.sleep(fault.trickle_s)
             return
         h.wfile.write(body)

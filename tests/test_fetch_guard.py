@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,8 @@ import pytest
 from loopback import Fault, Loopback
 from tasks import http_guard
 from tasks.fetch import FetchError, cache_name, download, fetch, local_path
-from tasks.http_guard import ByteLimit, Refused, TooLarge, check_public_address, check_redirect
+from tasks.http_guard import (ByteLimit, Refused, TimeLimit, TooLarge, TooSlow,
+                              check_public_address, check_redirect)
 from tasks.names import UnsafeName
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
@@ -134,6 +136,51 @@ def test_a_resumed_download_counts_the_bytes_it_already_has(server, tmp_path):
 def test_a_download_within_its_limit_arrives(server, tmp_path):
     limit = ByteLimit(len(BLOB), "k")
     assert download(f"{server.url}/data.tar", tmp_path / "d", limit=limit).read_bytes() == BLOB
+
+
+# ------------------------------------------------------------------------------- time
+
+SLOW = TimeLimit(1.0, "sources.glr.max_download_seconds")
+
+
+def test_a_server_that_trickles_its_body_is_cut_off_at_the_time_limit(server, tmp_path):
+    """A byte every 50 ms is well within any read timeout, and would take 10 s for 200 bytes."""
+    server.files["/slow.tar"] = bytes(200)
+    server.faults["/slow.tar"] = Fault(trickle_s=0.05)
+    url = f"{server.url}/slow.tar"
+    start = time.monotonic()
+    with pytest.raises(TooSlow) as info:
+        download(url, tmp_path / "d.tar", timeout_s=5.0, time_limit=SLOW)
+    assert 1.0 < time.monotonic() - start < 3.0
+    assert str(info.value).startswith(
+        f"{url}: the download took more than sources.glr.max_download_seconds = 1 s (1 s); "
+        "nothing was kept (raise the limit in params.yaml")
+    assert list(tmp_path.iterdir()) == [] and len(server.requests) == 1  # no .part, no retry
+
+
+def test_a_server_that_stalls_is_cut_off_at_the_time_limit_not_the_read_timeout(
+        server, tmp_path):
+    server.faults["/data.tar"] = Fault(delay_s=4.0)
+    start = time.monotonic()
+    with pytest.raises(TooSlow, match="max_download_seconds = 1 s"):
+        download(f"{server.url}/data.tar", tmp_path / "d.tar", timeout_s=60.0, time_limit=SLOW)
+    assert time.monotonic() - start < 2.0
+
+
+def test_the_time_limit_counts_every_attempt(server, tmp_path):
+    """Slow errors, retried: the time on each request adds up (the waits between do not)."""
+    server.faults["/data.tar"] = Fault(errors=[503] * 50, delay_s=0.3)
+    with pytest.raises(TooSlow, match="max_download_seconds = 1 s"):
+        download(f"{server.url}/data.tar", tmp_path / "d.tar", retries=50, backoff_s=0.5,
+                 sleep=lambda s: None, time_limit=SLOW)
+    assert 3 <= len(server.requests) <= 5
+
+
+def test_a_download_within_its_time_limit_arrives(server, tmp_path):
+    server.files["/slow.tar"] = bytes(10)
+    server.faults["/slow.tar"] = Fault(trickle_s=0.05)
+    got = download(f"{server.url}/slow.tar", tmp_path / "d", time_limit=SLOW)
+    assert got.read_bytes() == bytes(10)
 
 
 # -------------------------------------------------------------------------- redirects
@@ -310,6 +357,20 @@ def test_a_dataset_source_stops_at_an_unsafe_name_naming_source_and_entry(in_tmp
     with pytest.raises(UnsafeName, match=rf"sources.evil: {re.escape(url)}: refused name"):
         download("evil", CsvSource(kind="csv", uri=[url, f"{server.url}/data.tar"]))
     assert not [p for p in in_tmp.rglob("*evil*")]
+
+
+def test_a_dataset_download_over_its_time_limit_names_source_file_and_limit(in_tmp, server):
+    from flows.download import download
+    from tasks.params import CsvSource
+
+    assert CsvSource(kind="csv", uri="x").max_download_seconds == 6 * 3600
+    server.files["/slow.tar"] = bytes(200)
+    server.faults["/slow.tar"] = Fault(trickle_s=0.05)
+    url = f"{server.url}/slow.tar"
+    with pytest.raises(TooSlow, match=rf"{re.escape(url)}: .* sources.slow.max_download_seconds"):
+        download("slow", CsvSource(kind="csv", uri=url, max_download_seconds=1))
+    assert not [p for p in in_tmp.rglob("*.part*")]
+    assert len(server.requests) == 1  # a refusal is not retried by Prefect either
 
 
 def test_a_dataset_download_over_its_limit_names_source_file_and_limit(in_tmp, server):

@@ -165,3 +165,21 @@ def test_a_list_over_max_list_rows_stops_the_source_before_any_image(in_tmp, ser
     assert download("web", raised) == 4
     with pytest.raises(Exception, match="sources.web.max_list_rows = 0"):
         parse_params({"sources": {"web": {"kind": "urls", "uri": "x", "max_list_rows": 0}}})
+
+
+def test_an_image_that_trickles_past_max_image_seconds_is_a_recorded_failure(in_tmp, server):
+    from flows.download import download
+
+    assert UrlsSource(kind="urls", uri="x").max_image_seconds == 600
+    server.files["/img/ok.jpg"] = jpeg_bytes(0)
+    server.files["/img/slow.jpg"] = jpeg_bytes(1)
+    server.faults["/img/slow.jpg"] = Fault(trickle_s=0.05)  # a byte every 50 ms: a minute
+    lines = ["url,label", f"{server.url}/img/ok.jpg,a", f"{server.url}/img/slow.jpg,b"]
+    server.files["/list.csv"] = ("\n".join(lines) + "\n").encode()
+    spec = UrlsSource(kind="urls", uri=f"{server.url}/list.csv", max_image_seconds=1,
+                      allow_private_addresses=True, retries=2)
+    assert download("web", spec) == 1
+    assert "more than sources.web.max_image_seconds = 1 s" in failures()[
+        f"{server.url}/img/slow.jpg"]
+    assert len(server.requests_for("/img/slow.jpg")) == 1  # refused, not retried
+    assert not [p for p in in_tmp.rglob("*.part*")]
