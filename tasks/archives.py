@@ -16,7 +16,8 @@
   budget like any file, and a bomb inside stays inert.
 - Members go into a fresh folder beside `dest` that becomes `dest` in one rename (or is merged
   into an existing `dest` file by file: GLDv2's 500 tars fill one folder); on any error it is
-  deleted, so no half-extracted folder looks complete. Modes and owners are the process's own.
+  deleted, so no half-extracted folder looks complete, and one a killed run left is deleted by
+  the next extraction beside `dest`. Modes and owners are the process's own.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from __future__ import annotations
 import errno
 import lzma
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Callable
 
 from tasks.names import UnsafeName, check_relative_path
+from tasks.schemas import scratch_dir
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 CHUNK = 1 << 20
@@ -277,12 +277,11 @@ def _land(tmp: Path, dest: Path, where: str) -> None:
 def _unpacked(archive: Path, dest: Path, source: str, work: Callable[[Path], None]) -> None:
     """Run `work(tmp)` in a fresh folder beside `dest`, then land it; delete it on any error.
 
-    Read errors of the formats become UnsafeArchive ("corrupt"); the machine's own (a full
-    disk) are left as they are.
+    The folder is a `schemas.scratch_dir`: one left by a killed run is deleted by the next
+    extraction beside `dest`. Read errors of the formats become UnsafeArchive ("corrupt"); the
+    machine's own (a full disk) are left as they are.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extracting-", dir=dest.parent))
-    try:
+    with scratch_dir(dest.parent, f".{dest.name}.extracting-") as tmp:
         os.chmod(tmp, 0o755)
         try:
             work(tmp)
@@ -293,8 +292,6 @@ def _unpacked(archive: Path, dest: Path, source: str, work: Callable[[Path], Non
             raise UnsafeArchive(f"{source}: {archive.name}: corrupt, truncated or unsupported "
                                 f"({type(exc).__name__}: {exc}); nothing was kept") from None
         _land(tmp, dest, f"{source}: {archive.name}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits, *, source: str) -> int:

@@ -7,9 +7,12 @@ against the schema it claims.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,6 +145,59 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """Yield a fresh folder `parent/<prefix><random>` to build something in; deleted after.
+
+    A run killed outright (SIGKILL, the OOM killer) runs no cleanup, and its folder may hold a
+    155 GiB download. So the folder is held with an advisory lock (flock on the folder itself)
+    while in use, which the kernel drops however its process ends, and every `<prefix>*` folder
+    that nobody holds is deleted before a new one is made: a killed run's is gone by the next.
+    The caller renames the result out of it into place; until then, nothing inside is read as
+    finished. Folders of one prefix in use at once (threads, processes) leave each other be.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(parent, prefix)
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner that saw it first deletes it
+        if _same_folder(path, fd):
+            break
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def _same_folder(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_scratch(parent: Path, prefix: str) -> list[Path]:
+    """Delete the `<prefix>*` folders in `parent` that no live process holds; returns them."""
+    removed = []
+    for path in sorted(parent.glob(glob.escape(prefix) + "*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a folder (or gone): not ours to delete
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except BlockingIOError:
+            pass  # in use
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_bytes(target: Path | str, data: bytes) -> None:

@@ -301,3 +301,44 @@ def test_the_download_step_passes_the_sources_limits(tmp_path):
     place_fetched(archive, Fetch(url=str(archive), into="train"), tmp_path / "stage", spec,
                   "landmarks")
     assert len(os.listdir(tmp_path / "stage" / "train")) == 5
+
+
+KILL_AFTER_FIRST_MEMBER = """
+import os, signal
+from pathlib import Path
+from tasks import archives, download as dl
+from tasks.params import CsvSource, Fetch
+from tasks.schemas import RAW_DIR
+
+write = archives._Budget.write
+
+def write_then_die(self, *args):  # the process is killed outright: no `finally` runs
+    write(self, *args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+archives._Budget.write = write_then_die
+tar = Path({archive!r})
+with dl.staged_dir(RAW_DIR / "x") as stage:
+    dl.place_fetched(tar, Fetch(url=str(tar)), stage, CsvSource(kind="csv", uri=str(tar)), "x")
+"""
+
+
+def test_an_extraction_killed_midway_never_looks_done_and_the_next_run_removes_it(in_tmp):
+    from conftest import jpeg_bytes
+    from flows.download import download
+    from tasks.params import CsvSource
+    from tasks.schemas import RAW_DIR
+    from test_kaggle_download import run_until_killed
+
+    images = {f"img/{c}/{i}.jpg": jpeg_bytes(10 * c + i) for c in range(2) for i in range(2)}
+    table = "path,label\n" + "".join(f"{p},{p.split('/')[1]}\n" for p in images)
+    archive = tar(in_tmp / "data.tar", [(member("labels.csv"), table.encode())]
+                  + [(member(p), data) for p, data in images.items()])
+    run_until_killed(KILL_AFTER_FIRST_MEMBER.format(archive=str(archive)), in_tmp)
+    staging, scratch = sorted(os.listdir(RAW_DIR), key=len)  # and no `x`: nothing looks done
+    assert staging == ".x.staging" and scratch.startswith("..x.staging.extracting-")
+    assert os.listdir(RAW_DIR / scratch) == ["labels.csv"]  # killed after its first member
+
+    assert download("x", CsvSource(kind="csv", uri=str(archive))) == 4
+    assert os.listdir(RAW_DIR) == ["x"]
+    assert sorted(os.listdir(RAW_DIR / "x" / "img")) == ["0", "1"]
