@@ -6,13 +6,22 @@
 - `fetch` turns one `uri` (path, file://, http(s)://, kaggle://) into a
   local file or folder; names taken from a URL are checked after decoding
   (tasks/names.py), so a download never lands outside the cache.
+- `kaggle_download` runs Kaggle's client in a scratch folder (one a killed
+  run left is deleted), refuses what Kaggle lists as over the byte limit
+  before it starts, checks the zip, and keeps the token out of the client's
+  logs, prints and errors.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
+import json
+import logging
 import os
-import tempfile
+import sys
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +34,7 @@ from tasks.http_download import (USER_AGENT, ChecksumMismatch, FetchError,  # no
 from tasks.http_guard import ByteLimit, Refused, TimeLimit, TooLarge, TooSlow  # noqa: F401
 from tasks.names import (MAX_COMPONENT_BYTES, UnsafeName, check_component, check_relative_path,
                          url_file_name)
-from tasks.schemas import sha256_file
+from tasks.schemas import scratch_dir, sha256_file
 
 
 # ------------------------------------------------------------------------ kaggle
@@ -63,63 +72,149 @@ def kaggle_download(uri: str, cache: Path, limit: ByteLimit | None = None,
     """Download a Kaggle competition's or dataset's files (one zip) into `cache`; returns the zip.
 
     Kaggle's client resumes a partial zip without If-Range and skips one it finds in its folder,
-    so it downloads into a fresh temporary folder (`force`: never a resume); the zip is checked
-    (`check_kaggle_zip`) and only then moved into place beside a record of its size. Only a zip
-    with that record is reused. `api` is an authenticated KaggleApi (made here when None).
+    so it downloads into a fresh scratch folder (`force`: never a resume; one a killed run left
+    is deleted first); the zip is checked (`check_kaggle_zip`) and only then moved into place
+    beside a record of its size. Only a zip with that record is reused. When Kaggle's listing
+    of the files already totals more than `limit`, nothing is downloaded. Everything the client
+    says is kept clear of the token (`_kaggle_guarded`). `api` is an authenticated KaggleApi
+    (made here when None).
     """
     kind, ref = parse_kaggle(uri)
     out = cache / "kaggle" / kind / ref.replace("/", "__")
     if done := [z for z in sorted(out.glob("*.zip")) if _verified(z)]:
         return done[0]
-    if api is None:
-        if not kaggle_credentials():
-            raise FetchError(f"{uri}: no Kaggle credentials found. {KAGGLE_HELP}")
-        # With VERBOSE or VERBOSE_OUTPUT set when it is imported, the client prints every
-        # request with its headers (the token), and its import already sends one; a
-        # stage's output ends up in CI and Prefect logs.
-        verbose = {k: os.environ.pop(k) for k in ("VERBOSE", "VERBOSE_OUTPUT") if k in os.environ}
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
-        except ImportError:
-            raise FetchError(f"{uri}: the kaggle package is not installed: "
-                             "pip install 'guie-pipeline[kaggle]'") from None
-        finally:
-            os.environ.update(verbose)
-        api = KaggleApi()
-        with _kaggle_errors(uri):
-            api.authenticate()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        with _kaggle_errors(uri):
+    with _kaggle_guarded(uri):
+        api = api if api is not None else _kaggle_api(uri)
+        listed = kaggle_listed_sizes(api, kind, ref, enough=limit.max_bytes if limit else None)
+        if limit and listed:
+            limit.check(f"{uri} (Kaggle lists {len(listed)} files)", sum(listed.values()),
+                        announced=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with scratch_dir(out.parent, f".{out.name}.downloading-") as tmp:
             if kind == "competitions":
-                api.competition_download_files(ref, path=tmp, force=True, quiet=False)
+                api.competition_download_files(ref, path=str(tmp), force=True, quiet=False)
             else:
-                api.dataset_download_files(ref, path=tmp, force=True, quiet=False, unzip=False)
-        zips = sorted(Path(tmp).glob("*.zip"))
-        if len(zips) != 1:
-            raise FetchError(f"{uri}: expected one zip from Kaggle, got {[z.name for z in zips]}")
-        check_kaggle_zip(uri, zips[0], limit, kaggle_listed_sizes(api, kind, ref))
-        final = out / check_component(zips[0].name, source=uri, entry=zips[0].name)
-        os.replace(zips[0], final)
-        record = final.with_name(final.name + VERIFIED)
-        record.write_text(str(final.stat().st_size), encoding="utf-8")
+                api.dataset_download_files(ref, path=str(tmp), force=True, quiet=False,
+                                           unzip=False)
+            zips = sorted(tmp.glob("*.zip"))
+            if len(zips) != 1:
+                raise FetchError(f"{uri}: expected one zip from Kaggle, got "
+                                 f"{[z.name for z in zips]}")
+            check_kaggle_zip(uri, zips[0], limit, listed)
+            final = out / check_component(zips[0].name, source=uri, entry=zips[0].name)
+            os.replace(zips[0], final)
+    record = final.with_name(final.name + VERIFIED)
+    record.write_text(str(final.stat().st_size), encoding="utf-8")
     return final
 
 
-@contextmanager
-def _kaggle_errors(uri: str) -> Iterator[None]:
-    """Turn the Kaggle client's errors into a FetchError that holds only their message.
+def _kaggle_api(uri: str) -> Any:
+    """An authenticated KaggleApi, imported with its request printing off."""
+    if not kaggle_credentials():
+        raise FetchError(f"{uri}: no Kaggle credentials found. {KAGGLE_HELP}")
+    # With VERBOSE or VERBOSE_OUTPUT set when it is imported, the client prints every
+    # request with its headers (the token), and its import already sends one.
+    verbose = {k: os.environ.pop(k) for k in ("VERBOSE", "VERBOSE_OUTPUT") if k in os.environ}
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError:
+        raise FetchError(f"{uri}: the kaggle package is not installed: "
+                         "pip install 'guie-pipeline[kaggle]'") from None
+    finally:
+        os.environ.update(verbose)
+    api = KaggleApi()
+    api.authenticate()
+    return api
 
-    requests' errors keep the request, Authorization header included, and
-    Prefect pickles a failed task's exception into its result storage; a new
-    exception carries the text and nothing else (its cause is not pickled).
+
+def kaggle_secrets() -> list[str]:
+    """The Kaggle tokens this process could send, longest first, each also as HTTP Basic
+    auth carries it (base64 of user:key): from the environment, kaggle.json, access_token."""
+    config = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    user = os.environ.get("KAGGLE_USERNAME", "")
+    keys = [os.environ.get("KAGGLE_KEY"), os.environ.get("KAGGLE_API_TOKEN")]
+    try:
+        saved = json.loads((config / "kaggle.json").read_text(encoding="utf-8"))
+        user, keys = user or str(saved.get("username", "")), keys + [saved.get("key")]
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        keys.append((config / "access_token").read_text(encoding="utf-8").strip())
+    except OSError:
+        pass
+    found = {k for k in keys if isinstance(k, str) and len(k) >= 8}  # shorter: not a token
+    found |= {base64.b64encode(f"{user}:{k}".encode()).decode() for k in found}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret replaced by `***`."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class _RedactedStream(io.TextIOBase):
+    """stdout or stderr, with secrets replaced in what is written."""
+
+    def __init__(self, stream: Any, secrets: list[str]):
+        self.stream, self.secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact(text, self.secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_KAGGLE_GUARD = threading.Lock()
+
+
+@contextmanager
+def _kaggle_guarded(uri: str) -> Iterator[None]:
+    """Keep the Kaggle token out of all that Kaggle's client says while it runs.
+
+    Its logs and prints are redacted (`_redacted_output`). Its errors become a FetchError that
+    holds only their message, also redacted: requests' errors keep the request, Authorization
+    header included, and Prefect pickles a failed task's exception into its result storage (a
+    new exception's cause is not pickled).
     """
+    with _KAGGLE_GUARD:  # one at a time: the hooks are the whole process's
+        secrets = kaggle_secrets()
+        with _redacted_output(secrets):
+            try:
+                yield
+            except (FetchError, Refused, UnsafeName):
+                raise  # ours: they name the uri and the file, never the token
+            except Exception as exc:
+                why = f"{uri}: Kaggle: {type(exc).__name__}: {exc}"
+                raise FetchError(redact(why, secrets)) from None
+
+
+@contextmanager
+def _redacted_output(secrets: list[str]) -> Iterator[None]:
+    """Log records created meanwhile (Prefect makes a task's prints records too) and writes to
+    stdout and stderr, with every secret replaced, whichever logger or handler they go to."""
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.exc_info:  # the traceback's text, redacted, stands in for the exception
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        record.msg, record.args = redact(record.getMessage(), secrets), None
+        record.exc_text = record.exc_text and redact(record.exc_text, secrets)
+        return record
+
+    streams = sys.stdout, sys.stderr
+    logging.setLogRecordFactory(redacted_record)
+    sys.stdout, sys.stderr = (_RedactedStream(s, secrets) for s in streams)
     try:
         yield
-    except FetchError:
-        raise
-    except Exception as exc:
-        raise FetchError(f"{uri}: Kaggle: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.stdout, sys.stderr = streams
+        logging.setLogRecordFactory(make_record)
 
 
 VERIFIED = ".verified"  # beside a Kaggle zip: its size once checked; nothing else is reused
@@ -133,13 +228,14 @@ def _verified(zip_path: Path) -> bool:
         return False
 
 
-def kaggle_listed_sizes(api: Any, kind: str, ref: str,
-                        max_pages: int = 20) -> dict[str, int] | None:
+def kaggle_listed_sizes(api: Any, kind: str, ref: str, max_pages: int = 20,
+                        enough: int | None = None) -> dict[str, int] | None:
     """{file name: bytes} as Kaggle's API lists the files, or None when it gives no usable list.
 
     Datasets with a few thousand files list in a few calls; ImageNet or GLDv2 (over a million
     files) would take thousands, so past `max_pages` the listing is not used (the zip's own
-    CRC-32s are still checked when it is extracted).
+    CRC-32s are still checked when it is extracted), unless the files listed so far already
+    total more than `enough` bytes: then they are returned, as evidence enough of the size.
     """
     lister = api.competition_list_files if kind == "competitions" else api.dataset_list_files
     sizes: dict[str, int] = {}
@@ -155,7 +251,7 @@ def kaggle_listed_sizes(api: Any, kind: str, ref: str,
             if getattr(f, "name", None) and isinstance(size, int):
                 sizes[f.name] = size
         token = getattr(page, "next_page_token", None) or getattr(page, "nextPageToken", None)
-        if not token:
+        if not token or (enough is not None and sum(sizes.values()) > enough):
             return sizes or None
     return None
 

@@ -10,11 +10,17 @@ data/, the download cache, Prefect's home), its stdout and stderr, the flow
 run, task runs, logs and artifacts as Prefect's API returns them, and the
 API's database file itself.
 
-With the kaggle extra installed the run goes further (the client
-authenticates and builds its request) and the test also runs with the token
-in kaggle.json alone; VERBOSE=1 is set because the client then prints every
-request, headers included, and PREFECT_LOGGING_LOG_PRINTS so that whatever a
-task prints lands in Prefect's logs too and is searched there.
+The run reaches a Kaggle client in CI too, where the kaggle extra is not
+installed: a stand-in `kaggle` package (FAKE_CLIENT, put first on the path)
+that says the token wherever a careless client could. It logs it, prints it
+(to stdout and stderr), writes it into its download folder and raises
+errors whose messages and attributes hold it, as is and as a Basic
+Authorization header. With the kaggle extra installed the real client runs
+too (it authenticates and builds its request). Both read the token from the
+environment or from kaggle.json alone. VERBOSE=1 is set because the real
+client then prints every request, headers included, and
+PREFECT_LOGGING_LOG_PRINTS so that whatever a task prints lands in Prefect's
+logs too and is searched there.
 """
 
 from __future__ import annotations
@@ -93,6 +99,59 @@ def leaks_in_tree(root: Path, forms: dict[bytes, str], allowed: set[Path]) -> di
     return found
 
 
+FAKE_CLIENT = '''
+"""A stand-in for kaggle.api.kaggle_api_extended that leaks its token every way it can."""
+import base64, json, logging, os, sys
+from pathlib import Path
+
+log = logging.getLogger("kaggle")
+
+
+class HTTPError(Exception):
+    def __init__(self, message, headers):
+        super().__init__(message)
+        self.request_headers = headers  # as requests keeps the request that failed
+
+
+class KaggleApi:
+    def authenticate(self):
+        self.user, self.key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+        if not self.key:
+            config = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+            saved = json.loads((config / "kaggle.json").read_text())
+            self.user, self.key = saved["username"], saved["key"]
+        self.token = os.environ.get("KAGGLE_API_TOKEN", "")
+        self.auth = "Basic " + base64.b64encode(f"{self.user}:{self.key}".encode()).decode()
+        log.warning("authenticated %s with key %s, token %s", self.user, self.key, self.token)
+        print(f"send: GET https://api.kaggle.com/v1/hello Authorization: {self.auth}")
+        sys.stderr.write(f"debug: key={self.key} token={self.token}\\n")
+
+    def _error(self, status, url):
+        return HTTPError(f"{status} for url: https://api.kaggle.com/v1/{url}?key={self.key} "
+                         f"(Authorization: {self.auth}, token {self.token})",
+                         {"Authorization": self.auth})
+
+    def competition_list_files(self, competition, page_token=None, page_size=20):
+        raise self._error("401 Unauthorized", f"competitions/{competition}/files")
+
+    def competition_download_files(self, competition, path=None, force=False, quiet=True):
+        Path(path, competition + ".zip").write_text(f"<html>denied: {self.auth}</html>")
+        error = self._error("403 Forbidden", f"competitions/data/download-all/{competition}")
+        log.error("download failed with key %s", self.key, exc_info=error)
+        raise error
+'''
+
+
+def fake_client(root: Path) -> Path:
+    """A folder holding the stand-in `kaggle` package; first on PYTHONPATH, it is the client."""
+    api = root / "fake_kaggle" / "kaggle" / "api"
+    api.mkdir(parents=True)
+    (api.parent / "__init__.py").write_text("")
+    (api / "__init__.py").write_text("")
+    (api / "kaggle_api_extended.py").write_text(FAKE_CLIENT)
+    return root / "fake_kaggle"
+
+
 def kaggle_project(root: Path, source: str) -> Path:
     """The project's own params.yaml, with one extra source: a Kaggle competition."""
     project = root / "project"
@@ -104,13 +163,16 @@ def kaggle_project(root: Path, source: str) -> Path:
     return project
 
 
-def run_env(root: Path, project: Path, secrets: dict[str, str]) -> dict[str, str]:
-    """The stage's environment: the harness's API, a temporary HOME, only the given credentials."""
+def run_env(root: Path, project: Path, secrets: dict[str, str],
+            client: Path | None = None) -> dict[str, str]:
+    """The stage's environment: the harness's API, a temporary HOME, only the given credentials
+    and, when given, the folder of a stand-in Kaggle client first on the path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
     env.update(secrets)
+    path = [str(client) if client else None, str(REPO), os.environ.get("PYTHONPATH")]
     env.update({
         "HOME": str(root / "home"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, path)),
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "PREFECT_HOME": str(project / ".prefect"),
         "PREFECT_LOGGING_LOG_PRINTS": "true",
@@ -155,13 +217,16 @@ def database_files() -> list[Path]:
     return [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.is_file()]
 
 
-@pytest.mark.parametrize("where", [
-    "environment",
-    pytest.param("kaggle.json", marks=pytest.mark.skipif(
-        not HAS_CLIENT, reason="without the kaggle extra, nothing reads kaggle.json's contents")),
+REAL = pytest.mark.skipif(not HAS_CLIENT, reason="the kaggle extra is not installed")
+
+
+@pytest.mark.parametrize("client, where", [
+    ("fake", "environment"), ("fake", "kaggle.json"),
+    pytest.param("real", "environment", marks=REAL),
+    pytest.param("real", "kaggle.json", marks=REAL),
 ])
-def test_kaggle_token_appears_in_no_log_output_or_record(tmp_path, where):
-    source = f"kaggle_{where.replace('.', '_')}"
+def test_kaggle_token_appears_in_no_log_output_or_record(tmp_path, client, where):
+    source = f"kaggle_{client}_{where.replace('.', '_')}"
     env_key, env_token, file_key = secret("envkey"), secret("apitoken"), secret("filekey")
     project = kaggle_project(tmp_path, source)
     kaggle_json = tmp_path / "home" / ".kaggle" / "kaggle.json"
@@ -169,16 +234,17 @@ def test_kaggle_token_appears_in_no_log_output_or_record(tmp_path, where):
     kaggle_json.write_text(json.dumps({"username": USER, "key": file_key}))
     kaggle_json.chmod(0o600)
     in_env = {"KAGGLE_USERNAME": USER, "KAGGLE_KEY": env_key, "KAGGLE_API_TOKEN": env_token}
-    env = run_env(tmp_path, project, in_env if where == "environment" else {})
+    env = run_env(tmp_path, project, in_env if where == "environment" else {},
+                  fake_client(tmp_path) if client == "fake" else None)
 
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "flows.download", source], cwd=project, env=env,
                           capture_output=True, timeout=600)
     output = proc.stdout + proc.stderr
 
-    # it got as far as Kaggle's code, and failed there for want of a package or a network
+    # it got as far as Kaggle's client, and failed there for want of a network (or of rights)
     assert proc.returncode != 0, output.decode(errors="replace")[-3000:]
-    reached = "api.kaggle.com" if HAS_CLIENT else "kaggle package is not installed"
+    reached = "api.kaggle.com"
     assert reached.encode() in output, output.decode(errors="replace")[-3000:]
 
     forms = leak_forms([env_key, env_token, file_key])
@@ -193,3 +259,7 @@ def test_kaggle_token_appears_in_no_log_output_or_record(tmp_path, where):
     }
     assert (project / "params.yaml").is_file() and (project / ".prefect").is_dir()
     assert {where: hits for where, hits in leaks.items() if hits} == {}
+    if client == "fake":  # what it said was said, with the token replaced
+        for said in [b"authenticated guie-leak-test-user with key ***", b"debug: key=***",
+                     b"Authorization: Basic ***", b"403 Forbidden for url: https://api.kaggle"]:
+            assert said in output, (said, output.decode(errors="replace")[-3000:])

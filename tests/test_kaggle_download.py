@@ -10,12 +10,17 @@ by appending (no If-Range) or skipped; listings come in pages of objects with `n
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
 from tasks.fetch import FetchError, check_kaggle_zip, kaggle_download
 from tasks.http_guard import ByteLimit, TooLarge
 
@@ -112,3 +117,75 @@ def test_a_zip_over_the_limit_is_refused(tmp_path):
     with pytest.raises(TooLarge, match="over sources.glr.max_download_bytes = 100"):
         kaggle_download(URI, tmp_path, ByteLimit(100, "sources.glr.max_download_bytes"), api=api)
     assert not list((tmp_path / "kaggle").rglob("*.zip"))
+
+
+def test_a_listing_over_the_limit_is_refused_before_anything_is_downloaded(tmp_path):
+    api = FakeKaggle(zip_bytes(FILES), LISTED)
+    total = sum(LISTED.values())
+    limit = ByteLimit(total - 1, "sources.glr.max_download_bytes")
+    with pytest.raises(TooLarge) as info:
+        kaggle_download(URI, tmp_path, limit, api=api)
+    assert str(info.value).startswith(
+        f"{URI} (Kaggle lists 2 files): the download is {total} bytes, over "
+        f"sources.glr.max_download_bytes = {total - 1}")
+    assert api.calls == [] and not list(tmp_path.rglob("*.zip"))
+
+
+def test_a_listing_too_long_to_read_whole_is_enough_once_it_passes_the_limit(tmp_path):
+    """ImageNet lists over a million files: past 20 pages the listing is not read to its end,
+    but pages that already total more than the limit are evidence enough."""
+    listing = {f"train/{i:04d}.jpg": 1000 for i in range(100)}  # 100 pages of one file
+    api = FakeKaggle(zip_bytes(FILES), listing)
+    with pytest.raises(TooLarge, match="the download is 5000 bytes, over k = 4999"):
+        kaggle_download(URI, tmp_path, ByteLimit(4999, "k"), api=api)
+    assert api.calls == []
+    roomy = ByteLimit(10**9, "k")  # 20 pages read, the sum still under: the zip decides
+    assert kaggle_download(URI, tmp_path, roomy, api=api).read_bytes() == api.payload
+
+
+class KilledMidDownload(FakeKaggle):
+    """Writes half the zip, then the process is killed outright: no `finally` runs."""
+
+    def _write(self, outfile: Path, force: bool) -> None:
+        outfile.write_bytes(self.payload[: len(self.payload) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_until_killed(code: str, cwd: Path) -> None:
+    """Run `code` in a fresh Python (the repository and tests importable) until it SIGKILLs."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": path}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode(errors="replace")[-2000:]
+
+
+def test_a_killed_downloads_folder_never_looks_done_and_the_next_run_removes_it(tmp_path):
+    run_until_killed(
+        "from pathlib import Path\n"
+        "from test_kaggle_download import FILES, URI, KilledMidDownload, zip_bytes\n"
+        "from tasks.fetch import kaggle_download\n"
+        "kaggle_download(URI, Path('cache'), api=KilledMidDownload(zip_bytes(FILES)))\n",
+        tmp_path)
+    parent = tmp_path / "cache" / "kaggle" / "competitions"
+    [stale] = [p for p in parent.iterdir() if p.name.startswith(".")]
+    assert stale.name.startswith(".landmark-recognition-2021.downloading-")
+    assert [p.name for p in stale.iterdir()] == ["landmark-recognition-2021.zip"]  # half of it
+    assert not list((parent / "landmark-recognition-2021").iterdir())  # nothing looks done
+
+    api = FakeKaggle(zip_bytes(FILES), LISTED)
+    path = kaggle_download(URI, tmp_path / "cache", api=api)
+    assert path.read_bytes() == api.payload and len(api.calls) == 1
+    assert sorted(p.name for p in parent.iterdir()) == ["landmark-recognition-2021"]
+
+
+def test_a_scratch_folder_in_use_is_left_alone(tmp_path):
+    from tasks.schemas import remove_stale_scratch, scratch_dir
+
+    with scratch_dir(tmp_path, ".x.downloading-") as live:
+        (live / "part.zip").write_bytes(b"half")
+        (tmp_path / ".x.downloading-abandoned").mkdir()  # nobody holds it
+        with scratch_dir(tmp_path, ".x.downloading-") as other:  # a second run of the same
+            assert other != live and (live / "part.zip").is_file()
+        assert remove_stale_scratch(tmp_path, ".x.downloading-") == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+    assert list(tmp_path.iterdir()) == []
