@@ -89,3 +89,82 @@ def test_every_refused_kind_of_table_path_is_a_recorded_skip(tmp_path, name):
     rows, skips = read_table_source(tmp_path, "t.csv", "path", "label")
     assert rows == [{"path": "ok.jpg", "label": "a"}]
     assert [(s.path, s.reason) for s in skips] == [(name, LEAVES_FOLDER)]
+
+
+# ------------------------------------------------------------ labels that become folders
+
+# labels that cannot be one folder name: refused, with the source and entry named
+BAD_LABELS = {
+    "parent": "..", "parent then name": "../x", "separator": "a/b", "backslash": "a\\b",
+    "NUL": "a\x00b", "newline": "a\nb", "C1 control": "a\x85b", "right-to-left override":
+    "evil\u202egpj.exe", "fullwidth dot-dot": "\uff0e\uff0e", "fullwidth solidus": "a\uff0fb",
+    "drive": "C:x", "empty": "", "over NAME_MAX": "x" * 256,
+}
+
+
+def files_outside(tmp_path, root) -> list[str]:
+    """Everything under tmp_path that is not the photo itself or inside `root`."""
+    return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                  if p.name != "photo.jpg" and not p.is_relative_to(root) and p != root.parent)
+
+
+@pytest.fixture
+def photo_file(tmp_path):
+    from conftest import jpeg_bytes
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg_bytes(3, (160, 120)))
+    return path
+
+
+@pytest.mark.parametrize("label", list(BAD_LABELS.values()), ids=list(BAD_LABELS))
+def test_a_photo_label_that_is_no_folder_name_is_refused_and_nothing_is_written(
+        tmp_path, photo_file, label):
+    from tasks.download import render_photo_views
+    from tasks.names import UnsafeName
+    from tasks.photos import Photo
+
+    root = tmp_path / "raw" / "src"
+    with pytest.raises(UnsafeName) as info:
+        render_photo_views(Photo(label, photo_file), root, 2, 32, 0)
+    assert str(info.value).startswith(f"package_photos: {photo_file}: refused name")
+    assert not root.exists() and files_outside(tmp_path, root) == []
+
+
+@pytest.mark.parametrize("label", ["%2e%2e", "%2F", "con", "a..b", "训练"])
+def test_a_label_that_only_looks_odd_is_a_plain_folder_inside(tmp_path, photo_file, label):
+    """Labels are not URLs: `%2e%2e` is not decoded, it is a folder of that name."""
+    from tasks.download import render_photo_views
+    from tasks.photos import Photo
+
+    root = tmp_path / "raw" / "src"
+    rows, _ = render_photo_views(Photo(label, photo_file), root, 2, 32, 0)
+    assert [r["path"] for r in rows] == [f"images/{label}/0000.jpg", f"images/{label}/0001.jpg"]
+    assert sorted(p.name for p in (root / "images").iterdir()) == [label]
+    assert files_outside(tmp_path, root) == []
+
+
+# folder names a file system can hold that still must not be labels
+BAD_CLASS_FOLDERS = {k: BAD_LABELS[k] for k in ["backslash", "newline", "C1 control",
+                                                "right-to-left override", "fullwidth dot-dot",
+                                                "fullwidth solidus", "drive"]}
+
+
+@pytest.mark.parametrize("name", list(BAD_CLASS_FOLDERS.values()), ids=list(BAD_CLASS_FOLDERS))
+def test_an_imagefolder_class_that_is_no_safe_name_stops_the_source(in_tmp, name):
+    from conftest import jpeg_bytes
+    from flows.download import download
+    from tasks.names import UnsafeName
+    from tasks.params import ImageFolderSource
+    from tasks.schemas import RAW_DIR
+
+    src = in_tmp / "mine"
+    for label in ["ok", name]:
+        (src / label).mkdir(parents=True)
+        (src / label / "1.jpg").write_bytes(jpeg_bytes(1))
+    with pytest.raises(UnsafeName) as info:
+        download("mine", ImageFolderSource(kind="imagefolder", path=src))
+    assert str(info.value).startswith(f"imagefolder {src}: {name}/1.jpg: refused name")
+    written = {p.relative_to(in_tmp).as_posix() for p in in_tmp.rglob("*")
+               if not p.is_relative_to(src)}
+    assert written <= {"data", RAW_DIR.as_posix()}  # no source folder, no staging, nothing else
