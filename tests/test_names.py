@@ -28,7 +28,7 @@ BAD_COMPONENTS = [
     ("é" * (MAX_COMPONENT_BYTES // 2 + 1), f"more than {MAX_COMPONENT_BYTES} bytes"),  # in UTF-8
 ]
 # every C0 control, DEL and every C1 control (NEL, CSI, ...)
-CONTROLS = [chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]]
+CONTROLS = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]]
 # the bidirectional marks, embeddings, overrides and isolates (U+202E shows `gpj.exe` backwards)
 BIDI = ["\u061c", "\u200e", "\u200f", *map(chr, range(0x202A, 0x202F)),
         *map(chr, range(0x2066, 0x206A))]
