@@ -37,23 +37,24 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     dim = params.pca_dim
     results: dict[str, dict[str, dict]] = {"validation": {}, "test": {}}
 
-    def score(name, embed, query, index) -> None:
-        for group, data in split_groups(query, index, meta).items():
+    def score(name, embed, groups) -> None:
+        for group, data in groups.items():
             results[group][name] = score_line(embed, data, params)
 
     for v in variants:
         train, query, index = (load_variant_split(v, s) for s in ("train", "query", "index"))
-        score(f"zero_shot_pca{dim}_{v}", fit_pca(train.embeddings, dim), query, index)
+        score(f"zero_shot_pca{dim}_{v}", fit_pca(train.embeddings, dim),
+              split_groups(query, index, meta))
     train, query, index = (load_concat(variants, s) for s in ("train", "query", "index"))
-    score(f"zero_shot_pca{dim}_concat", fit_pca(train.embeddings, dim), query, index)
+    groups = split_groups(query, index, meta)  # the concatenation's: its line, the head's
+    score(f"zero_shot_pca{dim}_concat", fit_pca(train.embeddings, dim), groups)
     head, head_variants = load_head(HEAD_DIR)
     if head_variants != variants:
         raise ValueError(f"head was trained on {head_variants}, features are {variants}; "
                          "rerun train")
-    score("head", lambda x: embed_with_head(head, x), query, index)
+    score("head", lambda x: embed_with_head(head, x), groups)
 
     reference = best_zero_shot(results["validation"], params.k)
-    groups = split_groups(query, index, meta)
     metrics = {"k": params.k,
                "bootstrap": {"resamples": params.bootstrap_resamples,
                              "confidence": params.confidence,
