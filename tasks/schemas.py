@@ -162,7 +162,10 @@ def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
     remove_stale_scratch(parent, prefix)
     while True:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # another cleaner deleted it before we could lock it: make another
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner that saw it first deletes it
         if _same_folder(path, fd):
             break

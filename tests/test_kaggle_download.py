@@ -189,3 +189,24 @@ def test_a_scratch_folder_in_use_is_left_alone(tmp_path):
         assert remove_stale_scratch(tmp_path, ".x.downloading-") == []
         assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scratch_folders_made_at_once_by_threads_never_collide(tmp_path):
+    """Threads of one prefix each get a folder, though each one's cleanup races the others.
+
+    A folder made by one thread is visible to another's stale-scratch cleanup before it is
+    locked; the maker has to notice it was deleted and make another, not fail (a CI run of
+    the GLDv2 test failed here once, with two tars unpacking at once).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.schemas import scratch_dir
+
+    def use(i: int) -> bool:
+        with scratch_dir(tmp_path, ".x.extracting-") as path:
+            (path / "f").write_text(str(i))
+            return (path / "f").read_text() == str(i)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(use, range(500)))
+    assert list(tmp_path.iterdir()) == []
