@@ -23,9 +23,9 @@ def train(variants: list[str], params: TrainParams) -> dict:
     with atomic_path(HEAD_DIR / "history.csv") as tmp:
         pl.DataFrame(result.history).write_csv(tmp)
     m = result.metrics
-    log.info("train: %s head, %s loss, %d epochs (kept %d), loss %.3f, train acc %.3f, "
-             "validation classes mP@5 %s", params.head, params.loss, m["epochs_run"],
-             m["epoch_kept"], m["train_loss"], m["train_acc"], m["validation_classes_mP@5"])
+    log.info("train: %s head, %s loss, kept epoch %d of %d run: loss %.3f, train acc %.3f, "
+             "validation classes mP@5 %s", params.head, params.loss, m["epoch_kept"],
+             m["epochs_run"], m["train_loss"], m["train_acc"], m["validation_classes_mP@5"])
     return result.metrics
 
 

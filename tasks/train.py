@@ -236,14 +236,17 @@ def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
                 since_best += 1
                 if since_best >= params.early_stopping_patience:
                     break
+    kept = len(history)
     if best_state is not None:
         head.load_state_dict(best_state)
+        kept = best_epoch
     head.eval()
-    final = {**_val_scores(head, arc, train, xv, yv, val.class_ids[known]),
-             "validation_classes_mP@5": _validation_classes_score(head, validation)}
-    metrics = {"train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"],
-               **final, "epochs_run": len(history),
-               "epoch_kept": best_epoch if best_state is not None else len(history),
+    # Every score reported is the kept epoch's, as it was measured at the end of that epoch:
+    # the last epoch's train scores, or val scores of the kept head under the last epoch's
+    # ArcFace weights (val_loss, val_acc), would describe no head that exists.
+    scores = {name: value for name, value in history[kept - 1].items()
+              if name not in ("epoch", "lr")}
+    metrics = {**scores, "epochs_run": len(history), "epoch_kept": kept,
                "num_classes": len(classes), "train_images": len(x), "val_images": len(xv)}
     history = [{name: _nan_to_none(v) if isinstance(v, float) else v for name, v in row.items()}
                for row in history]

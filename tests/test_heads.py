@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from tasks.features import SplitFeatures, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
+from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
 from tasks.train import (embed_with_head, load_head, make_loss, save_head, train_head, warmup_cosine, warmup_linear_decay,
                          warmup_step)
@@ -127,6 +128,29 @@ def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch(
     assert result.metrics["epoch_kept"] == curve.index(best) + 1
     # the best epoch's weights were kept
     assert result.metrics["validation_classes_mP@5"] == pytest.approx(best)
+
+
+def test_reported_metrics_are_the_kept_epochs():
+    """metrics.json describes the head that is kept: when early stopping keeps an earlier
+    epoch, its train and val scores are that epoch's, not the last epoch's."""
+    train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
+    query, index = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
+    p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3,
+                    warmup_fraction=0.0)
+    result = train_head(train, val, p, (query, index))
+    m = result.metrics
+    assert m["epoch_kept"] < m["epochs_run"] == len(result.history)
+    kept = result.history[m["epoch_kept"] - 1]
+    assert kept["epoch"] == m["epoch_kept"]
+    for name in ("train_loss", "train_acc", "val_acc", "val_loss", "val_mP@5",
+                 "validation_classes_mP@5"):
+        assert m[name] == kept[name], name
+    assert m["train_loss"] != result.history[-1]["train_loss"]
+    # the kept head itself scores what is reported (brute-force k-NN, GUIE mP@5)
+    expected, _, _ = mean_precision_at_k(
+        embed_with_head(result.head, index.embeddings), index.class_ids,
+        embed_with_head(result.head, query.embeddings), query.class_ids, k=5)
+    assert m["validation_classes_mP@5"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_dynamic_margins_follow_catalog_counts_not_the_capped_sample():
