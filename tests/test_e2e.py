@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import miniatures
-from conftest import REPO, make_imagefolder
+from conftest import REPO, jpeg_bytes, make_imagefolder
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -79,8 +79,19 @@ def run(repo: Path, env: dict, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+# `inputs` is always_changed: it runs on every repro (in seconds), fingerprinting what download
+# and models read from outside the project; the stages it guards run only when a fingerprint moved.
+ALWAYS = {"inputs"}
+
+
 def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    """The stages a repro ran, besides `inputs` (test_full_repro_then_noop checks it ran)."""
+    return set(re.findall(r"Running stage '([^']+)'", output)) - ALWAYS
+
+
+def up_to_date(status: str) -> bool:
+    """`dvc status` lists nothing stale but `inputs`, which it lists as always changed."""
+    return status.split() == ["inputs:", "always", "changed"]
 
 
 def set_param(repo: Path, section: str, key: str, value) -> None:
@@ -139,8 +150,8 @@ def test_full_repro_then_noop(repo):
     assert tables == ["['1000', '1001', '1002', '1003']", "['listed in the table but not found']"]
 
     again = run(path, env, "repro")
-    assert ran(again) == set()
-    assert "up to date" in run(path, env, "status")
+    assert ran(again) == set() and "Running stage 'inputs'" in out + again
+    assert up_to_date(run(path, env, "status"))
 
     shown = run(path, env, "metrics", "show")
     assert "test.lines.head.all.mP@5" in shown and "train_acc" in shown
@@ -178,7 +189,7 @@ def test_train_and_evaluate_rerun_give_the_same_bytes(repo):
         assert ran(run(path, threads, "repro", "-f", "-s", stage)) == {stage}
     after = {name: (path / name).read_bytes() for name in REPEATABLE}
     assert [n for n in REPEATABLE if before[n] != after[n]] == []
-    assert "up to date" in run(path, env, "status")
+    assert up_to_date(run(path, env, "status"))
 
 
 def test_epochs_change_reruns_train_and_what_follows_only(repo):
@@ -204,7 +215,22 @@ def test_samples_change_reruns_from_sample_on_and_embeds_only_new_images(repo):
     assert counts, out[-3000:]
     assert tuple(map(int, counts.groups())) == (after, after - before, before)
     assert ran(run(path, env, "repro")) == set()
-    assert "up to date" in run(path, env, "status")
+    assert up_to_date(run(path, env, "status"))
+
+
+def test_an_image_added_to_a_users_folder_reruns_its_download_and_what_follows(repo):
+    """The folder is outside DVC's view; its fingerprint (data/00_inputs) is what DVC sees."""
+    path, env = repo
+    assert up_to_date(run(path, env, "status"))
+    extra = path / "mine_images" / "class_01" / "img_new.jpg"
+    extra.write_bytes(jpeg_bytes(4242, (48, 40)))
+    assert ran(run(path, env, "repro")) == {"download@mine", "sample", "shard", "extract@lite0",
+                                            "train", "evaluate", "sweep", "export"}
+    catalog = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet("
+                              "'data/01_raw/mine/catalog.parquet')['path'].to_list())"],
+                             cwd=path, capture_output=True, text=True, check=True).stdout
+    assert "img_new.jpg" in catalog
+    assert ran(run(path, env, "repro")) == set()
 
 
 def test_invalid_params_stop_before_any_work(repo):
@@ -299,7 +325,7 @@ def test_team_remote_round_trip_and_ci_recomputes_only_what_changed(repo, tmp_pa
     git(tmp_path, env, "clone", "-q", str(path), str(teammate))
     run(teammate, env, "remote", "add", "--local", "--default", "team", str(remote))
     run(teammate, env, "pull", "--run-cache")
-    assert "up to date" in run(teammate, env, "status")
+    assert up_to_date(run(teammate, env, "status"))
     assert ran(run(teammate, env, "repro")) == set()
 
     ci = tmp_path / "ci"
