@@ -7,19 +7,17 @@ from __future__ import annotations
 import base64
 
 import faiss
-import polars as pl
 import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
-from tasks.evaluate import best_zero_shot, fit_pca, group_summary, score_line, split_groups
-from tasks.features import load_concat, load_variant_split
+from tasks.evaluate import best_zero_shot, fit_pca, group_summary, score_line
+from tasks.features import load_concat, load_variant_split, read_manifest_rows, split_groups
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
 from tasks.params import EvaluateParams
 from tasks.report import metrics_markdown, metrics_rows, write_curves
-from tasks.schemas import (EVAL_DIR, HEAD_DIR, MANIFEST, MANIFEST_SCHEMA, SHARDS_DIR, read_table,
-                           write_bytes, write_json)
+from tasks.schemas import EVAL_DIR, HEAD_DIR, SHARDS_DIR, write_bytes, write_json
 from tasks.shard import read_split
 from tasks.train import embed_with_head, load_head
 
@@ -32,8 +30,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     log = get_run_logger()
     faiss.omp_set_num_threads(params.threads)
     torch.set_num_threads(params.threads)
-    manifest = pl.from_arrow(read_table(MANIFEST, MANIFEST_SCHEMA))
-    meta = {r["key"]: r for r in manifest.iter_rows(named=True)}
+    meta = read_manifest_rows()
     dim = params.pca_dim
     results: dict[str, dict[str, dict]] = {"validation": {}, "test": {}}
 

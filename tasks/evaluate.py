@@ -9,13 +9,12 @@ and per source of the query, each with a class-bootstrap interval.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import faiss
 import numpy as np
 
-from tasks.features import SplitFeatures, l2_normalize, select
+from tasks.features import GroupData, l2_normalize
 from tasks.metrics import (bootstrap_interval, mean_precision_at_k, paired_bootstrap_difference,
                            precision_recall_curves)
 from tasks.params import EvaluateParams
@@ -23,14 +22,6 @@ from tasks.params import EvaluateParams
 Embed = Callable[[np.ndarray], np.ndarray]
 CURVE_K = 10  # P@k and recall@k are reported for k = 1..10
 ZERO_SHOT = "zero_shot_"  # prefix of the baseline lines' names
-
-
-@dataclass
-class GroupData:
-    """The query and index features of one class group, with each query's source."""
-    query: SplitFeatures
-    index: SplitFeatures
-    sources: list[str]
 
 
 def fit_pca(train: np.ndarray, dim: int) -> Embed:
@@ -103,17 +94,3 @@ def best_zero_shot(validation: dict[str, dict], k: int) -> str:
             if name.startswith(ZERO_SHOT)}
     return max(sorted(zero), key=lambda name: zero[name])
 
-
-def split_groups(query: SplitFeatures, index: SplitFeatures, meta: dict[str, dict],
-                 ) -> dict[str, GroupData]:
-    """The validation and test classes' query/index features, from the manifest's groups."""
-    groups = {}
-    for group in ("validation", "test"):
-        q = select(query, np.array([meta[key]["group"] == group for key in query.keys], dtype=bool))
-        i = select(index, np.array([meta[key]["group"] == group for key in index.keys], dtype=bool))
-        if not q.keys or not i.keys:
-            raise ValueError(f"no {group} classes with both query and index images: raise "
-                             "sample.eval_fraction or sample.num_classes (see the sample "
-                             "stage's summary.json)")
-        groups[group] = GroupData(q, i, [meta[key]["source"] for key in q.keys])
-    return groups

@@ -1,4 +1,5 @@
-"""Read extracted features back as aligned numpy arrays, per split and backbone."""
+"""Read extracted features back as aligned numpy arrays, per split and backbone, and sort
+the query and index features into class groups by the manifest."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
-from tasks.schemas import FEATURES_DIR, embeddings_of, read_features
+from tasks.schemas import (FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, embeddings_of, read_features,
+                           read_table)
+
+GROUPS = ("validation", "test")  # the held-out class groups, each scored on its own
 
 
 @dataclass
@@ -59,3 +64,42 @@ def select(features: SplitFeatures, keep: np.ndarray) -> SplitFeatures:
     if not len(features.keys):
         return features
     return SplitFeatures(keys, features.class_ids[keep], features.embeddings[keep])
+
+
+@dataclass
+class GroupData:
+    """The query and index features of one class group, with each query's source."""
+    query: SplitFeatures
+    index: SplitFeatures
+    sources: list[str]
+
+
+def read_manifest_rows(path: Path = MANIFEST) -> dict[str, dict]:
+    """Each sampled image's manifest row (group, source, label, class_images...) by key:
+    features hold only the key and the class id."""
+    manifest = pl.from_arrow(read_table(path, MANIFEST_SCHEMA))
+    return {row["key"]: row for row in manifest.iter_rows(named=True)}
+
+
+def class_group(query: SplitFeatures, index: SplitFeatures, meta: dict[str, dict], group: str,
+                ) -> GroupData:
+    """The queries and index images of `group`'s classes (the manifest's `group`), in order."""
+    q = select(query, np.array([meta[key]["group"] == group for key in query.keys], dtype=bool))
+    i = select(index, np.array([meta[key]["group"] == group for key in index.keys], dtype=bool))
+    return GroupData(q, i, [meta[key]["source"] for key in q.keys])
+
+
+def require_images(data: GroupData, group: str) -> GroupData:
+    """`data` if it has query and index images; a group without either cannot be scored."""
+    if not data.query.keys or not data.index.keys:
+        raise ValueError(f"no {group} classes with both query and index images: raise "
+                         "sample.eval_fraction or sample.num_classes (see the sample "
+                         "stage's summary.json)")
+    return data
+
+
+def split_groups(query: SplitFeatures, index: SplitFeatures, meta: dict[str, dict],
+                 ) -> dict[str, GroupData]:
+    """The validation and test classes' query/index features, each group non-empty."""
+    return {group: require_images(class_group(query, index, meta, group), group)
+            for group in GROUPS}

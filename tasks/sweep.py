@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.evaluate import GroupData, fit_pca, score_line
+from tasks.evaluate import fit_pca, score_line
+from tasks.features import GroupData, require_images
 from tasks.metrics import paired_bootstrap_difference
 from tasks.params import EvaluateParams, TrainParams
 from tasks.train import TrainingInputs, embed_with_head, train_head
@@ -22,11 +23,8 @@ ZERO_SHOT_LINE = "zero-shot PCA of the concatenation (reference)"
 
 
 def validation_group(inputs: TrainingInputs) -> GroupData:
-    query, index = inputs.validation
-    if not query.keys or not index.keys:
-        raise ValueError("no validation classes with query and index images: raise "
-                         "sample.eval_fraction or sample.num_classes")
-    return GroupData(query, index, inputs.validation_sources)
+    """The validation classes, which every recipe is scored on: they must not be empty."""
+    return require_images(inputs.validation, "validation")
 
 
 def score_recipe(params: TrainParams, inputs: TrainingInputs, evaluate: EvaluateParams) -> dict:
@@ -48,7 +46,7 @@ def summarise(scored: dict[str, dict], baseline: str, inputs: TrainingInputs,
               changes: dict[str, dict], evaluate: EvaluateParams) -> dict:
     """Every recipe's validation scores, its paired difference from `baseline`, and the choice."""
     k = evaluate.k
-    classes = inputs.validation[0].class_ids
+    classes = inputs.validation.query.class_ids
     recipes = {}
     for name, s in scored.items():
         diff, low, high = paired_bootstrap_difference(

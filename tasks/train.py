@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tasks.features import SplitFeatures, load_concat, select
+from tasks.features import (GroupData, SplitFeatures, class_group, load_concat,
+                            read_manifest_rows)
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
-from tasks.schemas import MANIFEST, MANIFEST_SCHEMA, atomic_path, read_table, write_json
+from tasks.schemas import atomic_path, write_json
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -63,25 +63,22 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 @dataclass
 class TrainingInputs:
     """What training reads: the training classes' train and val features, the validation
-    classes' query and index features (with each query's source) and every class's
-    catalog size."""
+    classes' group (query and index features) and every class's catalog size."""
     train: SplitFeatures
     val: SplitFeatures
-    validation: tuple[SplitFeatures, SplitFeatures]
-    validation_sources: list[str]
+    validation: GroupData
     class_images: dict[int, int]
 
 
 def load_training_inputs(variants: list[str]) -> TrainingInputs:
-    """The concatenated features of `variants`, split into groups by the manifest."""
-    manifest = pl.from_arrow(read_table(MANIFEST, MANIFEST_SCHEMA))
-    group = dict(zip(manifest["key"], manifest["group"]))
-    source = dict(zip(manifest["key"], manifest["source"]))
-    class_images = dict(zip(manifest["class_id"].to_list(), manifest["class_images"].to_list()))
-    query, index = (select(f, [group[key] == "validation" for key in f.keys])
-                    for f in (load_concat(variants, "query"), load_concat(variants, "index")))
+    """The concatenated features of `variants`, split into groups by the manifest; the test
+    classes' features are never read into it."""
+    meta = read_manifest_rows()
+    validation = class_group(load_concat(variants, "query"), load_concat(variants, "index"),
+                             meta, "validation")
+    class_images = {row["class_id"]: row["class_images"] for row in meta.values()}
     return TrainingInputs(load_concat(variants, "train"), load_concat(variants, "val"),
-                          (query, index), [source[key] for key in query.keys], class_images)
+                          validation, class_images)
 
 
 @dataclass
@@ -116,13 +113,12 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.T
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
 
 
-def _validation_classes_score(head: nn.Module,
-                              validation: tuple[SplitFeatures, SplitFeatures] | None) -> float:
+def _validation_classes_score(head: nn.Module, validation: GroupData | None) -> float:
     """mP@5 of the validation classes' queries against their index: classes the head never
     saw, like the test classes, so early stopping selects for what is reported."""
-    if validation is None or not validation[0].keys or not validation[1].keys:
+    if validation is None or not validation.query.keys or not validation.index.keys:
         return math.nan
-    query, index = validation
+    query, index = validation.query, validation.index
     _, per_query, _ = mean_precision_at_k(embed_with_head(head, index.embeddings), index.class_ids,
                                           embed_with_head(head, query.embeddings), query.class_ids,
                                           k=5)
@@ -150,10 +146,10 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
 
 
 def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
-               validation: tuple[SplitFeatures, SplitFeatures] | None = None,
+               validation: GroupData | None = None,
                class_images: dict[int, int] | None = None) -> TrainResult:
-    """Fit head + loss on the training classes; `validation` (query, index features of the
-    validation classes) drives early stopping. The same inputs and params give the same
+    """Fit head + loss on the training classes; `validation` (the validation classes' query
+    and index features) drives early stopping. The same inputs and params give the same
     bytes: seeded generators, deterministic algorithms, `params.threads` CPU threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(params.threads)
@@ -175,7 +171,7 @@ def _deterministic():
 
 
 def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
-           validation: tuple[SplitFeatures, SplitFeatures] | None,
+           validation: GroupData | None,
            class_images: dict[int, int] | None) -> TrainResult:
     if len(train.keys) == 0:
         raise ValueError("train split is empty: nothing to train on")

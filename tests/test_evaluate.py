@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tasks.evaluate import GroupData, best_zero_shot, group_summary, score_line, split_groups
-from tasks.features import SplitFeatures
+from tasks.evaluate import best_zero_shot, group_summary, score_line
+from tasks.features import GroupData, SplitFeatures, split_groups
 from tasks.params import EvaluateParams
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
 from tasks.schemas import write_json

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.features import SplitFeatures, select
+from tasks.features import GroupData, SplitFeatures, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
@@ -105,13 +105,15 @@ def test_training_learns_and_is_deterministic(tmp_path, head, loss, schedule, op
 
 
 def unseen_classes(first: int, count: int, per_class: int, dim: int, seed: int, noise: float,
-                   ) -> tuple[SplitFeatures, SplitFeatures]:
-    """(query, index) features of classes first..first+count-1: classes training never sees."""
+                   ) -> GroupData:
+    """The query and index features of classes first..first+count-1: classes training never
+    sees."""
     every = clusters(first + count, per_class, dim, seed, noise)
     keep = every.class_ids >= first
     both = select(every, keep)
     half = np.arange(len(both.keys)) % 2 == 0
-    return select(both, half), select(both, ~half)
+    query = select(both, half)
+    return GroupData(query, select(both, ~half), ["s"] * len(query.keys))
 
 
 def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch():
@@ -134,10 +136,11 @@ def test_reported_metrics_are_the_kept_epochs():
     """metrics.json describes the head that is kept: when early stopping keeps an earlier
     epoch, its train and val scores are that epoch's, not the last epoch's."""
     train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
-    query, index = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
+    validation = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
+    query, index = validation.query, validation.index
     p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3,
                     warmup_fraction=0.0)
-    result = train_head(train, val, p, (query, index))
+    result = train_head(train, val, p, validation)
     m = result.metrics
     assert m["epoch_kept"] < m["epochs_run"] == len(result.history)
     kept = result.history[m["epoch_kept"] - 1]

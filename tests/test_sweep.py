@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.features import SplitFeatures, select
+from tasks.features import GroupData, SplitFeatures, select
 from tasks.metrics import bootstrap_interval, mean_precision_at_k
 from tasks.params import EvaluateParams, TrainParams
 from tasks.schemas import FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, write_features, write_table
@@ -31,7 +31,8 @@ def inputs() -> TrainingInputs:
     every_other = np.arange(len(held.keys)) % 2 == 0
     query, index = select(held, every_other), select(held, ~every_other)
     return TrainingInputs(clusters(range(8), 12, 16, 1), clusters(range(8), 2, 16, 2),
-                          (query, index), ["s"] * len(query.keys), {c: 10 for c in range(16)})
+                          GroupData(query, index, ["s"] * len(query.keys)),
+                          {c: 10 for c in range(16)})
 
 
 def test_recipe_scores_are_the_validation_classes_mp5_of_the_trained_head():
@@ -39,7 +40,7 @@ def test_recipe_scores_are_the_validation_classes_mp5_of_the_trained_head():
     scored = score_recipe(train, data, EVALUATE)
     # an independent recomputation: train the same recipe, embed, exact k-NN, GUIE mP@5
     head = train_head(data.train, data.val, train, data.validation, data.class_images).head
-    query, index = data.validation
+    query, index = data.validation.query, data.validation.index
     expected, _, _ = mean_precision_at_k(embed_with_head(head, index.embeddings), index.class_ids,
                                          embed_with_head(head, query.embeddings), query.class_ids)
     assert scored["scores"]["all"]["mP@5"] == pytest.approx(expected, abs=1e-4)
@@ -54,7 +55,7 @@ def scored_line(per_query: np.ndarray, classes: np.ndarray) -> dict:
 
 def test_a_recipe_is_chosen_only_when_its_paired_gain_excludes_zero():
     data = inputs()
-    classes = data.validation[0].class_ids
+    classes = data.validation.query.class_ids
     rng = np.random.default_rng(0)
     base = rng.uniform(0.2, 0.8, size=len(classes))
     class_noise = {c: rng.choice([-0.5, 0.5]) for c in np.unique(classes)}
@@ -106,8 +107,8 @@ def test_training_inputs_never_hold_test_classes(in_tmp):
         emb = np.random.default_rng(0).normal(size=(len(keys), 4)).astype(np.float32)
         write_features(FEATURES_DIR / "v" / split / "s-000000.arrow", keys, ids, emb, META)
     data = load_training_inputs(["v"])
-    query, index = data.validation
+    query, index = data.validation.query, data.validation.index
     assert set(query.class_ids) == set(index.class_ids) == {2, 3}
     assert set(data.train.class_ids) == {0, 1}
     assert data.class_images == {c: 100 + c for c in groups}
-    assert data.validation_sources == ["s"] * len(query.keys)
+    assert data.validation.sources == ["s"] * len(query.keys)
