@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real images, a tiny random-init open_clip backbone, Prefect's test harness."""
+"""Shared fixtures: tiny real images, clustered features, a tiny random-init open_clip backbone,
+Prefect's test harness."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tasks.features import SplitFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 # No network here: don't let Prefect's server try to send telemetry.
@@ -30,6 +34,17 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in an empty folder, as a stage runs in its project root."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def clusters(classes: Iterable[int], per_class: int | Sequence[int], dim: int, seed: int,
+             noise: float = 0.8) -> SplitFeatures:
+    """Features of `classes`, `per_class` rows each (one count, or one per class): each class
+    has a fixed random centre, the same in every call, plus Gaussian noise drawn from `seed`,
+    so features from two seeds are two samples of the same classes."""
+    ids = np.repeat(np.asarray(list(classes), dtype=np.int64), per_class)
+    centres = np.random.default_rng(99).normal(size=(int(ids.max(initial=0)) + 1, dim))
+    emb = centres[ids] + noise * np.random.default_rng(seed).normal(size=(len(ids), dim))
+    return SplitFeatures([f"{seed}-{i}" for i in range(len(ids))], ids, emb.astype(np.float32))
 
 
 def jpeg_bytes(seed: int, size=(40, 32), mode="RGB") -> bytes:

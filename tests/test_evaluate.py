@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from conftest import clusters
 from tasks.evaluate import best_zero_shot, group_summary, score_line
-from tasks.features import GroupData, SplitFeatures, split_groups
+from tasks.features import GroupData, split_groups
 from tasks.params import EvaluateParams
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
 from tasks.schemas import write_json
@@ -16,19 +17,11 @@ from tasks.schemas import write_json
 PARAMS = EvaluateParams(k=5, pca_dim=8, bootstrap_resamples=500)
 
 
-def features(ids: list[int], dim: int = 8, seed: int = 0, noise: float = 0.3) -> SplitFeatures:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(42).normal(size=(100, dim))
-    ids_ = np.asarray(ids)
-    emb = (centres[ids_] + noise * rng.normal(size=(len(ids_), dim))).astype(np.float32)
-    return SplitFeatures([f"s{seed}-{i}" for i in range(len(ids_))], ids_, emb)
-
-
 def group_with_orphans() -> GroupData:
     """Classes 0-5 from source a with index images; class 9 (source b) has queries only:
     its index images were lost (rejected at shard time, say)."""
-    query = features([c for c in range(6) for _ in range(3)] + [9, 9], seed=1)
-    index = features([c for c in range(6) for _ in range(3)], seed=2)
+    query = clusters([*range(6), 9], [3] * 6 + [2], 8, seed=1, noise=0.3)
+    index = clusters(range(6), 3, 8, seed=2, noise=0.3)
     return GroupData(query, index, ["a"] * 18 + ["b"] * 2)
 
 
@@ -74,7 +67,7 @@ def test_reference_line_is_chosen_on_validation_scores():
 
 
 def test_split_groups_follows_the_manifest_and_refuses_an_empty_group():
-    query, index = features([0, 0, 1, 1, 2, 2]), features([0, 1, 2], seed=3)
+    query, index = clusters(range(3), 2, 8, seed=0), clusters(range(3), 1, 8, seed=3)
     group = {0: "validation", 1: "test", 2: "test"}
     meta = {k: {"group": group[int(c)], "source": "s"} for f in (query, index)
             for k, c in zip(f.keys, f.class_ids)}

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.features import GroupData, SplitFeatures, select
+from conftest import clusters
+from tasks.features import GroupData, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.metrics import mean_precision_at_k
 from tasks.params import TrainParams
-from tasks.train import (embed_with_head, load_head, make_loss, save_head, train_head, warmup_cosine, warmup_linear_decay,
-                         warmup_step)
+from tasks.train import (embed_with_head, load_head, make_loss, save_head, train_head,
+                         warmup_cosine, warmup_linear_decay, warmup_step)
 
 
 def expected_target(cos: float, m: float) -> float:
@@ -30,10 +31,12 @@ def test_arcface_adds_margin_to_target_angle_only():
     logits = arc.logits(emb, labels).detach()
     cos = (emb @ F.normalize(arc.weight, dim=-1).T).detach()
     for i, y in enumerate(labels.tolist()):
-        assert logits[i, y].item() == pytest.approx(10.0 * expected_target(float(cos[i, y]), 0.4), abs=1e-4)
+        target = 10.0 * expected_target(float(cos[i, y]), 0.4)
+        assert logits[i, y].item() == pytest.approx(target, abs=1e-4)
         others = [j for j in range(5) if j != y]
         assert torch.allclose(logits[i, others], 10.0 * cos[i, others], atol=1e-5)
-    assert arc(emb, labels).item() > F.cross_entropy(10.0 * cos, labels).item()  # margin makes it harder
+    # the margin makes it harder
+    assert arc(emb, labels).item() > F.cross_entropy(10.0 * cos, labels).item()
 
 
 def test_subcenter_arcface_max_pools_over_centres():
@@ -56,7 +59,8 @@ def test_dynamic_margins_grow_as_classes_get_rarer_and_apply_per_class():
     labels = torch.tensor([0, 1, 2, 3])
     logits, cos = arc.logits(emb, labels).detach(), arc.cosines(emb).detach()
     for i in range(4):
-        assert logits[i, i].item() == pytest.approx(expected_target(float(cos[i, i]), float(m[i])), abs=1e-5)
+        target = expected_target(float(cos[i, i]), float(m[i]))
+        assert logits[i, i].item() == pytest.approx(target, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dropout_linear", "bn_linear", "multi_dropout"])
@@ -75,40 +79,37 @@ def test_schedules():
     assert c(60) == pytest.approx(0.5) and c(110) == pytest.approx(0.0, abs=1e-12)
     # 2xCLIP: x0.1 every 100 epochs (here 10 steps an epoch), no warm-up
     s = warmup_step(0, steps_per_epoch=10, step_epochs=100, gamma=0.1)
-    assert s(0) == 1.0 and s(999) == 1.0 and s(1000) == pytest.approx(0.1) and s(2500) == pytest.approx(0.01)
-
-
-def clusters(n_classes: int, per_class: int, dim: int, seed: int, noise: float = 0.8) -> SplitFeatures:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(99).normal(size=(n_classes, dim))
-    ids = np.repeat(np.arange(n_classes), per_class)
-    emb = (centres[ids] + noise * rng.normal(size=(len(ids), dim))).astype(np.float32)
-    return SplitFeatures([f"k{i}" for i in range(len(ids))], ids, emb)
+    assert s(0) == 1.0 and s(999) == 1.0
+    assert s(1000) == pytest.approx(0.1) and s(2500) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("head,loss,schedule,optimizer", [
-    ("dropout_linear", "arcface", "cosine", "adamw"), ("bn_linear", "subcenter_arcface", "step", "adam"),
+    ("dropout_linear", "arcface", "cosine", "adamw"),
+    ("bn_linear", "subcenter_arcface", "step", "adam"),
     ("multi_dropout", "dynamic_arcface", "linear", "adamw")])
 def test_training_learns_and_is_deterministic(tmp_path, head, loss, schedule, optimizer):
-    p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16, arcface_scale=16.0,
-                    head=head, loss=loss, schedule=schedule, optimizer=optimizer, step_epochs=4, label_smoothing=0.1)
-    train, val = clusters(6, 20, 24, 0), clusters(6, 5, 24, 1)
+    p = TrainParams(epochs=8, batch_size=16, lr=0.01, dropout=0.1, embedding_dim=16,
+                    arcface_scale=16.0, head=head, loss=loss, schedule=schedule,
+                    optimizer=optimizer, step_epochs=4, label_smoothing=0.1)
+    train, val = clusters(range(6), 20, 24, 0), clusters(range(6), 5, 24, 1)
     sizes = {c: 10 * (c + 1) for c in range(6)}
-    a, b = train_head(train, val, p, class_images=sizes), train_head(train, val, p, class_images=sizes)
+    a = train_head(train, val, p, class_images=sizes)
+    b = train_head(train, val, p, class_images=sizes)
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
     assert a.metrics["val_acc"] > 0.8 and a.metrics["val_mP@5"] > 0.8
     assert a.history == b.history
     save_head(a.head, tmp_path, ["v"], p)
     loaded, variants = load_head(tmp_path)
     assert variants == ["v"]
-    assert np.allclose(embed_with_head(loaded, val.embeddings), embed_with_head(a.head, val.embeddings), atol=1e-6)
+    assert np.allclose(embed_with_head(loaded, val.embeddings),
+                       embed_with_head(a.head, val.embeddings), atol=1e-6)
 
 
 def unseen_classes(first: int, count: int, per_class: int, dim: int, seed: int, noise: float,
                    ) -> GroupData:
     """The query and index features of classes first..first+count-1: classes training never
     sees."""
-    every = clusters(first + count, per_class, dim, seed, noise)
+    every = clusters(range(first + count), per_class, dim, seed, noise)
     keep = every.class_ids >= first
     both = select(every, keep)
     half = np.arange(len(both.keys)) % 2 == 0
@@ -118,7 +119,8 @@ def unseen_classes(first: int, count: int, per_class: int, dim: int, seed: int, 
 
 def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch():
     # noisy data and a high learning rate: the validation classes' mP@5 peaks, then stalls
-    train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
+    train = clusters(range(5), 8, 16, 0, noise=3.0)
+    val = clusters(range(5), 4, 16, 1, noise=3.0)
     validation = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
     p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3,
                     warmup_fraction=0.0)
@@ -126,7 +128,8 @@ def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch(
     curve = [h["validation_classes_mP@5"] for h in result.history]
     assert len(curve) < 60, "training never stopped"
     best = max(curve)
-    assert curve.index(best) == len(curve) - 1 - 3  # stopped exactly `patience` epochs after the best
+    # stopped exactly `patience` epochs after the best
+    assert curve.index(best) == len(curve) - 1 - 3
     assert result.metrics["epoch_kept"] == curve.index(best) + 1
     # the best epoch's weights were kept
     assert result.metrics["validation_classes_mP@5"] == pytest.approx(best)
@@ -135,7 +138,8 @@ def test_early_stopping_watches_the_validation_classes_and_keeps_the_best_epoch(
 def test_reported_metrics_are_the_kept_epochs():
     """metrics.json describes the head that is kept: when early stopping keeps an earlier
     epoch, its train and val scores are that epoch's, not the last epoch's."""
-    train, val = clusters(5, 8, 16, 0, noise=3.0), clusters(5, 4, 16, 1, noise=3.0)
+    train = clusters(range(5), 8, 16, 0, noise=3.0)
+    val = clusters(range(5), 4, 16, 1, noise=3.0)
     validation = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
     query, index = validation.query, validation.index
     p = TrainParams(epochs=60, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=3,
@@ -159,7 +163,7 @@ def test_reported_metrics_are_the_kept_epochs():
 def test_dynamic_margins_follow_catalog_counts_not_the_capped_sample():
     """Sampling gives every class the same number of training rows; the margins must still
     follow how common each class is in its source catalog (the manifest's class_images)."""
-    train = clusters(4, 6, 8, 0)  # 6 rows per class, as after capping
+    train = clusters(range(4), 6, 8, 0)  # 6 rows per class, as after capping
     classes = np.unique(train.class_ids)
     p = TrainParams(epochs=1, loss="dynamic_arcface", margin_min=0.2, margin_max=0.45)
     arc = make_loss(p, classes, {0: 5000, 1: 500, 2: 50, 3: 5000})
@@ -176,7 +180,8 @@ def test_training_gives_the_same_bytes_whatever_the_process_thread_count():
     head: train uses train.threads, so two runs give byte-identical weights and history."""
     # wide enough that a matmul's reduction is split between threads (1024 -> 64; at 512 -> 32
     # the two thread counts happen to agree on this CPU)
-    train, val = clusters(8, 40, 1024, 0, noise=1.0), clusters(8, 5, 1024, 1, noise=1.0)
+    train = clusters(range(8), 40, 1024, 0, noise=1.0)
+    val = clusters(range(8), 5, 1024, 1, noise=1.0)
     p = TrainParams(epochs=2, batch_size=64, embedding_dim=64, threads=1)
     before = torch.get_num_threads()
     runs = []

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.features import GroupData, SplitFeatures, select
+from conftest import clusters
+from tasks.features import GroupData, select
 from tasks.metrics import bootstrap_interval, mean_precision_at_k
 from tasks.params import EvaluateParams, TrainParams
 from tasks.schemas import FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, write_features, write_table
@@ -18,19 +19,12 @@ META = {"dim": "4", "model_name": "m", "pretrained": "", "checkpoint_sha256": "0
         "image_size": "8"}
 
 
-def clusters(classes: range, per_class: int, dim: int, seed: int) -> SplitFeatures:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(7).normal(size=(100, dim))
-    ids = np.repeat(np.array(list(classes)), per_class)
-    emb = (centres[ids] + 1.2 * rng.normal(size=(len(ids), dim))).astype(np.float32)
-    return SplitFeatures([f"{seed}-{i}" for i in range(len(ids))], ids, emb)
-
-
 def inputs() -> TrainingInputs:
-    held = clusters(range(8, 16), 6, 16, 3)
+    held = clusters(range(8, 16), 6, 16, 3, noise=1.2)
     every_other = np.arange(len(held.keys)) % 2 == 0
     query, index = select(held, every_other), select(held, ~every_other)
-    return TrainingInputs(clusters(range(8), 12, 16, 1), clusters(range(8), 2, 16, 2),
+    return TrainingInputs(clusters(range(8), 12, 16, 1, noise=1.2),
+                          clusters(range(8), 2, 16, 2, noise=1.2),
                           GroupData(query, index, ["s"] * len(query.keys)),
                           {c: 10 for c in range(16)})
 
