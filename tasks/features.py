@@ -50,7 +50,8 @@ def load_concat(variants: list[str], split: str, root: Path = FEATURES_DIR) -> S
     parts = [load_variant_split(v, split, root) for v in variants]
     for v, p in zip(variants[1:], parts[1:]):
         if p.keys != parts[0].keys:
-            raise ValueError(f"features of {v!r} and {variants[0]!r} disagree on the {split} keys; rerun extract")
+            raise ValueError(f"features of {v!r} and {variants[0]!r} disagree on the {split} "
+                             "keys; rerun extract")
     if not parts[0].keys:
         return parts[0]
     emb = np.concatenate([l2_normalize(p.embeddings) for p in parts], axis=1)

@@ -42,7 +42,8 @@ def warmup_linear_decay(total_steps: int, warmup_steps: int):
 
 
 def warmup_step(warmup_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float):
-    """LR multiplier: linear warm-up, then x`gamma` every `step_epochs` epochs (2xCLIP: x0.1 every 100)."""
+    """LR multiplier: linear warm-up, then x`gamma` every `step_epochs` epochs (2xCLIP: x0.1
+    every 100)."""
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -255,8 +256,9 @@ def save_head(head: nn.Module, out_dir: Path, variants: list[str], params: Train
     with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
     in_dim = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
-    write_json(out_dir / HEAD_CONFIG, {"kind": params.head, "in_dim": in_dim, "out_dim": params.embedding_dim,
-                                       "dropout": params.dropout, "branches": params.branches, "variants": variants})
+    write_json(out_dir / HEAD_CONFIG, {"kind": params.head, "in_dim": in_dim,
+                                       "out_dim": params.embedding_dim, "dropout": params.dropout,
+                                       "branches": params.branches, "variants": variants})
 
 
 def load_head(out_dir: Path) -> tuple[nn.Module, list[str]]:
