@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -250,14 +251,34 @@ def test_invalid_params_stop_before_any_work(repo):
     set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4, "glr": 4})
 
 
+def when(run: dict, key: str) -> datetime:
+    return datetime.fromisoformat(run[key])
+
+
+def pipeline_task_runs(env: dict) -> tuple[dict, dict]:
+    """The latest run of the pipeline flow, and its task runs by name."""
+    (flow_run,) = api(env, "flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}},
+                                                "sort": "START_TIME_DESC", "limit": 1})
+    tasks = api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert len({t["name"] for t in tasks}) == len(tasks), "one task run per stage"
+    return flow_run, {t["name"]: t for t in tasks}
+
+
 def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
-    """`python -m flows.pipeline` brings DVC up to date and leaves the table as a Prefect artifact."""
+    """`python -m flows.pipeline` brings DVC up to date, one Prefect task per stale stage, and
+    leaves the table as a Prefect artifact."""
     path, env = repo
     set_param(path, "train", "epochs", 2)
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert ran(out) == {"train", "evaluate", "sweep", "export"} and "| head |" in out
+    # each stage that ran is its own task run, named after it, Completed, upstream first
+    _, tasks = pipeline_task_runs(env)
+    assert set(tasks) == {"train", "evaluate", "sweep", "export"} | ALWAYS
+    assert {t["state_type"] for t in tasks.values()} == {"COMPLETED"}
+    for up, down in [("inputs", "train"), ("train", "evaluate"), ("train", "export")]:
+        assert when(tasks[up], "end_time") <= when(tasks[down], "start_time"), (up, down)
     query = json.dumps({"artifacts": {"key": {"any_": ["guie-pipeline-metrics"]}}}).encode()
     req = urllib.request.Request(f"{env['PREFECT_API_URL']}/artifacts/filter", data=query,
                                  headers={"Content-Type": "application/json"})
@@ -412,8 +433,12 @@ def test_pipeline_flow_fails_when_a_stage_fails(repo):
         proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
         assert proc.returncode != 0
         assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
-        flows = {f["name"]: f["id"] for f in api(env, "flows/filter", {})}
-        runs = api(env, "flow_runs/filter", {"limit": 200})
-        assert "FAILED" in {r["state_type"] for r in runs if r["flow_id"] == flows["pipeline"]}
+        # the failed stage's task is Failed, the flow run too, and nothing ran after it
+        flow_run, tasks = pipeline_task_runs(env)
+        failed = [name for name, t in tasks.items() if t["state_type"] == "FAILED"]
+        assert flow_run["state_type"] == "FAILED" and len(failed) == 1, tasks
+        assert f"failed: {failed[0]};" in flow_run["state"]["message"]
+        assert all(when(t, "end_time") <= when(tasks[failed[0]], "start_time")
+                   for name, t in tasks.items() if name != failed[0])
     finally:
         set_param(path, "sample", "samples", 5)
