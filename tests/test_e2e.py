@@ -256,9 +256,12 @@ def when(run: dict, key: str) -> datetime:
 
 
 def pipeline_task_runs(env: dict) -> tuple[dict, dict]:
-    """The latest run of the pipeline flow, and its task runs by name."""
-    (flow_run,) = api(env, "flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}},
-                                                "sort": "START_TIME_DESC", "limit": 1})
+    """The latest run of the pipeline flow started by hand (not by a deployment, whose
+    schedules leave runs in the future), and its task runs by name."""
+    (flow_run,) = api(env, "flow_runs/filter", {
+        "flows": {"name": {"any_": ["pipeline"]}},
+        "flow_runs": {"deployment_id": {"is_null_": True}},
+        "sort": "START_TIME_DESC", "limit": 1})
     tasks = api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert len({t["name"] for t in tasks}) == len(tasks), "one task run per stage"
     return flow_run, {t["name"]: t for t in tasks}
