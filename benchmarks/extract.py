@@ -34,11 +34,12 @@ import webdataset as wds
 from PIL import Image
 
 from tasks.extract import Embedder, embed_shard, get_worker, resolve_device
-from tasks.models import (_model_from_config, _save_variant, build_variant, load_backbone,
-                          open_clip_variant_config)
-from tasks.params import EfficientNetLiteModel, ExtractParams
+from tasks.models import _model_from_config, _save_variant, build_variant, open_clip_variant_config
+from tasks.backbone import load_backbone
+from tasks.params.extract import ExtractParams
+from tasks.params.models import EfficientNetLiteModel
 from tasks.preprocess import decode_rgb
-from tasks.shard import read_shard
+from tasks.schemas.shards import read_shard
 
 # name -> (open_clip architecture, tag whose preprocessing it takes)
 RANDOM_INIT = {"vit_s32": ("ViT-S-32", None), "vit_b32": ("ViT-B-32", "laion2b_s34b_b79k"),

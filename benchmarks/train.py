@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tasks.features import SplitFeatures
-from tasks.params import TrainParams
+from tasks.params.train import TrainParams
 from tasks.train import train_head
 
 

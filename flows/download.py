@@ -22,10 +22,10 @@ from tasks import download as dl
 from tasks.fetch import ChecksumMismatch, FetchError, fetch
 from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.layouts import LayoutError
-from tasks.params import (DatasetSource, FashionMnistSource, Fetch, ImageFolderSource, PackagePhotosSource,
-                          SourceParams, UrlsSource)
+from tasks.params.sources import (DatasetSource, FashionMnistSource, Fetch, ImageFolderSource,
+                                  PackagePhotosSource, SourceParams, UrlsSource)
 from tasks.photos import find_photos, photo_dirs
-from tasks.schemas import RAW_DIR
+from tasks.schemas.paths import RAW_DIR
 from tasks.urls import RowLimit, UrlRow, fetch_urls, read_url_list
 
 render_views = task(dl.render_photo_views, name="render-views", cache_policy=NO_CACHE)
@@ -158,4 +158,4 @@ if __name__ == "__main__":
         dl.check_source(key, params.sources[key])
         download(key, params.sources[key])
 
-    main(run, keys=lambda p: p.sources)
+    main(run, {"sources": dict[str, SourceParams]}, keys="sources")

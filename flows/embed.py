@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tasks.embed import embed_folder, search, write_index
 from tasks.export import load_exported
-from tasks.schemas import EXPORT_DIR
+from tasks.schemas.paths import EXPORT_DIR
 
 DEFAULT_MODEL = EXPORT_DIR / "embedder.pt2"
 

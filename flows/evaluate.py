@@ -15,11 +15,13 @@ from flows._cli import main
 from tasks.evaluate import best_zero_shot, fit_pca, group_summary, score_line
 from tasks.features import load_concat, load_variant_split, read_manifest_rows, split_groups
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
-from tasks.params import EvaluateParams
+from tasks.params.base import NAMES
+from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_markdown, metrics_rows, write_curves
-from tasks.schemas import EVAL_DIR, HEAD_DIR, SHARDS_DIR, write_bytes, write_json
-from tasks.shard import read_split
-from tasks.train import embed_with_head, load_head
+from tasks.schemas.io import write_bytes, write_json
+from tasks.schemas.paths import EVAL_DIR, HEAD_DIR, SHARDS_DIR
+from tasks.schemas.shards import read_split
+from tasks.heads import embed_with_head, load_head
 
 GALLERY_QUERIES = 12
 
@@ -85,4 +87,5 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: evaluate(list(p.models), p.evaluate))
+    main(lambda p, _key: evaluate(list(p.models), p.evaluate),
+         {"models": NAMES, "evaluate": EvaluateParams})

@@ -10,13 +10,15 @@ from prefect import flow, get_run_logger
 
 from flows._cli import main
 from tasks.export import Embedder, embed_images, export_embedder, load_exported
-from tasks.shard import read_split
+from tasks.schemas.shards import read_split
 from tasks.features import load_concat
-from tasks.models import load_backbone
-from tasks.params import ExportParams
+from tasks.backbone import load_backbone
+from tasks.params.base import NAMES
+from tasks.params.export import ExportParams
 from tasks.preprocess import decode_rgb
-from tasks.schemas import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARDS_DIR, write_json
-from tasks.train import embed_with_head, load_head
+from tasks.schemas.io import write_json
+from tasks.schemas.paths import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARDS_DIR
+from tasks.heads import embed_with_head, load_head
 
 EMBEDDER = EXPORT_DIR / "embedder.pt2"
 
@@ -55,4 +57,4 @@ def export(params: ExportParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: export(p.export))
+    main(lambda p, _key: export(p.export), {"models": NAMES, "export": ExportParams})

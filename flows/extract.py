@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -20,9 +21,10 @@ from tqdm import tqdm
 
 from flows._cli import main
 from tasks.extract import embed_shard, get_worker
-from tasks.params import ExtractParams, Params
-from tasks.schemas import FEATURES_DIR, MODELS_DIR, SHARDS_DIR
-from tasks.shard import read_index
+from tasks.params.base import NAMES
+from tasks.params.extract import ExtractParams
+from tasks.schemas.paths import FEATURES_DIR, MODELS_DIR, SHARDS_DIR
+from tasks.schemas.shards import read_index
 
 
 # DVC is the result cache of the stage and the embedding cache serves
@@ -71,9 +73,9 @@ def extract(variant: str, params: ExtractParams) -> dict:
     return {"images": total, "embedded": embedded, "cached": cached, "seconds": seconds}
 
 
-def run(params: Params, variant: str) -> dict:
+def run(params: Any, variant: str) -> dict:
     return extract.with_options(task_runner=task_runner(params.extract))(variant, params.extract)
 
 
 if __name__ == "__main__":
-    main(run, keys=lambda p: p.models)
+    main(run, {"models": NAMES, "extract": ExtractParams}, keys="models")

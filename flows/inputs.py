@@ -12,8 +12,11 @@ from prefect import flow, get_run_logger
 
 from flows._cli import main
 from tasks.inputs import HashState, model_fingerprint, source_fingerprint
-from tasks.params import ModelParams, SourceParams
-from tasks.schemas import INPUTS_DIR, write_json
+from tasks.params.models import ModelParams
+from tasks.params.project import load_params
+from tasks.params.sources import SourceParams
+from tasks.schemas.io import write_json
+from tasks.schemas.paths import INPUTS_DIR
 
 
 @flow(name="inputs")
@@ -38,4 +41,8 @@ def inputs(sources: dict[str, SourceParams], models: dict[str, ModelParams]) -> 
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: inputs(dict(p.sources), dict(p.models)))
+    def run(_sections: object, _key: None) -> None:
+        params = load_params()  # the whole file: a bad value anywhere stops the run here, first
+        inputs(dict(params.sources), dict(params.models))
+
+    main(run, {})

@@ -7,8 +7,8 @@ from prefect import flow, get_run_logger, task
 
 from flows._cli import main
 from tasks.models import WeightsUnavailable, build_variant
-from tasks.params import ModelParams
-from tasks.schemas import MODELS_DIR
+from tasks.params.models import ModelParams
+from tasks.schemas.paths import MODELS_DIR
 
 
 def _worth_retrying(task, task_run, state) -> bool:
@@ -32,4 +32,5 @@ def models(variant: str, spec: ModelParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, key: models(key, p.models[key]), keys=lambda p: p.models)
+    main(lambda p, key: models(key, p.models[key]), {"models": dict[str, ModelParams]},
+         keys="models")

@@ -35,7 +35,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from tasks.dvc_stages import ReproPlan, is_stale, plan_stages
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
-from tasks.schemas import EVAL_DIR
+from tasks.schemas.paths import EVAL_DIR
 
 METRICS = EVAL_DIR / "metrics.json"
 

@@ -12,9 +12,9 @@ import sys
 
 import yaml
 
-from tasks.params import PARAMS_FILE, ParamsError
+from tasks.params.base import PARAMS_FILE, ParamsError
 from tasks.presets import list_presets, preset_params
-from tasks.schemas import write_bytes
+from tasks.schemas.io import write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

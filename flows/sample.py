@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 from prefect import flow, get_run_logger
 
 from flows._cli import main
-from tasks.params import Params, SampleParams
+from tasks.params.base import NAMES, ParamsError
+from tasks.params.sample import SampleParams, check_sources
 from tasks.sample import build_manifest, check_class_counts
-from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RAW_DIR, read_table,
-                           write_json, write_table)
+from tasks.schemas.io import read_table, write_json, write_table
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import CATALOG_NAME, MANIFEST, RAW_DIR
+from tasks.schemas.raw import CATALOG_SCHEMA
 
 
 def read_catalogs(sources: list[str]) -> dict[str, pl.DataFrame]:
@@ -43,11 +48,15 @@ def sample(sources: list[str], params: SampleParams) -> dict:
     return summary
 
 
-def run(params: Params, _key: str | None) -> None:
+def run(params: Any, _key: str | None) -> None:
+    try:
+        check_sources(params.sample, list(params.sources))
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: {exc}") from None
     # Class counts depend on the downloaded catalogs: check them before the flow starts.
     check_class_counts(read_catalogs(sorted(params.sources)), params.sample)
     sample(sorted(params.sources), params.sample)
 
 
 if __name__ == "__main__":
-    main(run)
+    main(run, {"sources": NAMES, "sample": SampleParams})

@@ -7,8 +7,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect import flow, get_run_logger, task, unmapped
 
 from flows._cli import main
-from tasks.params import ShardParams
-from tasks.schemas import MANIFEST, MANIFEST_SCHEMA, RAW_DIR, REJECTS_NAME, REJECTS_SCHEMA, SHARD_INDEX, SHARDS_DIR, read_table, write_json, write_table
+from tasks.params.shard import ShardParams
+from tasks.schemas.io import read_table, write_json, write_table
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import MANIFEST, RAW_DIR, REJECTS_NAME, SHARD_INDEX, SHARDS_DIR
+from tasks.schemas.shards import REJECTS_SCHEMA
 from tasks.shard import plan_shards, shard_index, write_shard
 
 write_one = task(write_shard, name="write-shard", cache_policy=NO_CACHE)
@@ -34,4 +37,4 @@ def shard(params: ShardParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: shard(p.shard))
+    main(lambda p, _key: shard(p.shard), {"shard": ShardParams})

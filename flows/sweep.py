@@ -14,8 +14,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows._cli import main
-from tasks.params import EvaluateParams, Params, TrainParams
-from tasks.schemas import DATA, write_bytes, write_json
+from tasks.params.evaluate import EvaluateParams
+from tasks.params.base import NAMES, ParamsError
+from tasks.params.sweep import SweepParams, check_recipes
+from tasks.params.train import TrainParams
+from tasks.schemas.io import write_bytes, write_json
+from tasks.schemas.paths import DATA
 from tasks.sweep import ZERO_SHOT_LINE, score_recipe, score_zero_shot, summarise, sweep_markdown
 from tasks.train import TrainingInputs, load_training_inputs
 
@@ -29,19 +33,20 @@ def recipe_task(name: str, train: TrainParams, inputs: TrainingInputs,
 
 
 @flow(name="sweep")
-def sweep(params: Params) -> dict:
+def sweep(variants: list[str], train: TrainParams, evaluate: EvaluateParams,
+          params: SweepParams) -> dict:
     """Score each recipe on the validation classes and pick the best."""
     log = get_run_logger()
-    inputs = load_training_inputs(list(params.models))
-    scored = {ZERO_SHOT_LINE: score_zero_shot(inputs, params.evaluate)}
+    inputs = load_training_inputs(variants)
+    scored = {ZERO_SHOT_LINE: score_zero_shot(inputs, evaluate)}
     baseline = "train"  # the train section as it is
-    recipes = {baseline: params.train, **{name: params.sweep.recipe(name, params.train)
-                                          for name in params.sweep.recipes if name != baseline}}
-    for name, train in recipes.items():
-        scored[name] = recipe_task(name, train, inputs, params.evaluate)
+    recipes = {baseline: train, **{name: params.recipe(name, train)
+                                   for name in params.recipes if name != baseline}}
+    for name, recipe in recipes.items():
+        scored[name] = recipe_task(name, recipe, inputs, evaluate)
         log.info("recipe %s: validation mP@5 %.4f", name,
-                 scored[name]["scores"]["all"][f"mP@{params.evaluate.k}"])
-    summary = summarise(scored, baseline, inputs, dict(params.sweep.recipes), params.evaluate)
+                 scored[name]["scores"]["all"][f"mP@{evaluate.k}"])
+    summary = summarise(scored, baseline, inputs, dict(params.recipes), evaluate)
     table = sweep_markdown(summary)
     write_json(SWEEP_DIR / "sweep.json", summary)
     write_bytes(SWEEP_DIR / "sweep.md", table.encode("utf-8"))
@@ -52,4 +57,12 @@ def sweep(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: sweep(p))
+    def run(p, _key: None) -> None:
+        try:
+            check_recipes(p.sweep, p.train)
+        except ValueError as exc:
+            raise ParamsError(f"params.yaml: {exc}") from None
+        sweep(list(p.models), p.train, p.evaluate, p.sweep)
+
+    main(run, {"models": NAMES, "train": TrainParams, "evaluate": EvaluateParams,
+               "sweep": SweepParams})

@@ -6,8 +6,10 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows._cli import main
-from tasks.params import TrainParams
-from tasks.schemas import HEAD_DIR, atomic_path, write_json
+from tasks.params.base import NAMES
+from tasks.params.train import TrainParams
+from tasks.schemas.io import atomic_path, write_json
+from tasks.schemas.paths import HEAD_DIR
 from tasks.train import load_training_inputs, save_head, train_head
 
 
@@ -30,4 +32,4 @@ def train(variants: list[str], params: TrainParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: train(list(p.models), p.train))
+    main(lambda p, _key: train(list(p.models), p.train), {"models": NAMES, "train": TrainParams})

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Callable
 
 from tasks.names import UnsafeName, check_relative_path
-from tasks.schemas import scratch_dir
+from tasks.schemas.io import scratch_dir
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 CHUNK = 1 << 20

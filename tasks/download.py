@@ -23,11 +23,14 @@ from tasks.fetch import KAGGLE_HELP, kaggle_credentials, local_path, parse_kaggl
 from tasks.http_guard import ByteLimit, TimeLimit
 from tasks.layouts import Skip
 from tasks.names import check_component, check_relative_path, url_file_name
-from tasks.params import (CsvSource, DatasetSource, DeepFashionC2sSource, FashionMnistSource,
-                          Fetch, ImageFolderSource, ParamsError, SourceParams, UrlsSource)
+from tasks.params.base import ParamsError
+from tasks.params.sources import (CsvSource, DatasetSource, DeepFashionC2sSource,
+                                  FashionMnistSource, Fetch, ImageFolderSource, SourceParams,
+                                  UrlsSource)
 from tasks.photos import Photo
-from tasks.schemas import (CATALOG_NAME, CATALOG_SCHEMA, FAILURES_NAME, FAILURES_SCHEMA, SKIPPED_NAME,
-                           SKIPPED_SCHEMA, write_table)
+from tasks.schemas.io import write_table
+from tasks.schemas.paths import CATALOG_NAME, FAILURES_NAME, SKIPPED_NAME
+from tasks.schemas.raw import CATALOG_SCHEMA, FAILURES_SCHEMA, SKIPPED_SCHEMA
 from tasks.urls import Fetched
 from tasks.views import NoContent, random_view, view_rng
 

@@ -13,7 +13,8 @@ import torch
 from tasks.export import embed_images
 from tasks.images import IMAGE_SUFFIXES, BadImage, normalize_image
 from tasks.preprocess import decode_rgb
-from tasks.schemas import atomic_path, embedding_array, embeddings_of, index_schema
+from tasks.schemas.features import embedding_array, embeddings_of, index_schema
+from tasks.schemas.io import atomic_path
 
 
 def load_image(path: Path) -> torch.Tensor:

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from tasks.schemas import embedding_array, embeddings_of, sha256_file, write_ipc, write_json
+from tasks.schemas.features import embedding_array, embeddings_of, write_ipc
+from tasks.schemas.io import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def image_digest(data: bytes) -> bytes:
 # loads and runs the model. Their meaning is fingerprinted, not their bytes (see code_fingerprint).
 EMBEDDING_CODE = ("tasks.preprocess", "tasks.extract:_Decoded", "tasks.decode:_decode",
                   "tasks.extract:Embedder",
-                  "tasks.models:load_backbone")
+                  "tasks.backbone:load_backbone")
 # Libraries whose numerics or defaults can change an embedding between releases.
 LIBRARIES = ("torch", "torchvision", "open_clip_torch", "timm", "pillow")
 

@@ -17,7 +17,7 @@ import numpy as np
 from tasks.features import GroupData, l2_normalize
 from tasks.metrics import (bootstrap_interval, mean_precision_at_k, paired_bootstrap_difference,
                            precision_recall_curves)
-from tasks.params import EvaluateParams
+from tasks.params.evaluate import EvaluateParams
 
 Embed = Callable[[np.ndarray], np.ndarray]
 CURVE_K = 10  # P@k and recall@k are reported for k = 1..10

@@ -17,7 +17,7 @@ from torch import nn
 from torch.export import Dim
 
 from tasks.preprocess import Preprocess
-from tasks.schemas import atomic_path
+from tasks.schemas.io import atomic_path
 
 
 class Embedder(nn.Module):

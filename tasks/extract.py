@@ -25,11 +25,11 @@ from torch.utils.data import Dataset
 
 from tasks.decode import decode_pool
 from tasks.embedding_cache import EmbeddingCache, cache_key, image_digest
-from tasks.models import load_backbone
-from tasks.params import ExtractParams
+from tasks.backbone import load_backbone
+from tasks.params.extract import ExtractParams
 from tasks.preprocess import Preprocess, decode_rgb
-from tasks.schemas import write_features
-from tasks.shard import Sample, read_shard
+from tasks.schemas.features import write_features
+from tasks.schemas.shards import Sample, read_shard
 
 
 class _Decoded(Dataset):

@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.fetch import ChecksumMismatch, fetch
 from tasks.http_guard import ByteLimit, TimeLimit
-from tasks.schemas import sha256_file
+from tasks.schemas.io import sha256_file
 
 CLASS_NAMES = ("tshirt_top", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle_boot")

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.schemas import (FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, embeddings_of, read_features,
-                           read_table)
+from tasks.schemas.features import embeddings_of, read_features
+from tasks.schemas.io import read_table
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import FEATURES_DIR, MANIFEST
 
 GROUPS = ("validation", "test")  # the held-out class groups, each scored on its own
 

@@ -34,7 +34,7 @@ from tasks.http_download import (USER_AGENT, ChecksumMismatch, FetchError,  # no
 from tasks.http_guard import ByteLimit, Refused, TimeLimit, TooLarge, TooSlow  # noqa: F401
 from tasks.names import (MAX_COMPONENT_BYTES, UnsafeName, check_component, check_relative_path,
                          url_file_name)
-from tasks.schemas import scratch_dir, sha256_file
+from tasks.schemas.io import scratch_dir, sha256_file
 
 
 # ------------------------------------------------------------------------ kaggle

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from tasks.schemas import atomic_path
+from tasks.schemas.io import atomic_path
 
 BLUE, GREEN, RED, WHITE = (40, 90, 220), (30, 170, 60), (210, 40, 40), (255, 255, 255)
 

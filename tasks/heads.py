@@ -13,11 +13,14 @@ per-class margins that grow as a class gets rarer (2nd and 6th place).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 HEAD_KINDS = ("dropout_linear", "bn_linear", "multi_dropout")
@@ -120,3 +123,20 @@ class ArcFace(nn.Module):
     def predict(self, emb: torch.Tensor) -> torch.Tensor:
         """Nearest class (best sub-centre) by cosine, no margin."""
         return self.cosines(emb).argmax(dim=-1)
+
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head.json"
+
+
+def embed_with_head(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    head.eval()
+    with torch.no_grad():
+        return head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
+
+
+def load_head(out_dir: Path) -> tuple[nn.Module, list[str]]:
+    cfg = json.loads((out_dir / HEAD_CONFIG).read_text())
+    head = build_head(cfg["kind"], cfg["in_dim"], cfg["out_dim"], cfg["dropout"], cfg["branches"])
+    head.load_state_dict(load_file(str(out_dir / HEAD_WEIGHTS)))
+    return head.eval(), cfg["variants"]

@@ -23,7 +23,7 @@ import httpx
 from tasks.http_guard import (MAX_REDIRECTS, ByteLimit, Refused, TimeLimit, check_public_address,
                               check_redirect, discard, resumable, same_version, save_validator,
                               validator_of)
-from tasks.schemas import sha256_file
+from tasks.schemas.io import sha256_file
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 USER_AGENT = "guie-pipeline (+https://github.com/guie-pipeline)"

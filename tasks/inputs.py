@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.fetch import local_path
-from tasks.params import (CheckpointModel, DatasetSource, EfficientNetLiteModel,
-                          FashionMnistSource, ImageFolderSource, ModelParams, OpenClipModel,
-                          PackagePhotosSource, SourceParams, UrlsSource)
-from tasks.schemas import sha256_file
+from tasks.params.models import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
+from tasks.params.sources import (DatasetSource, FashionMnistSource, ImageFolderSource,
+                                  PackagePhotosSource, SourceParams, UrlsSource)
+from tasks.schemas.io import sha256_file
 
 STATE_FILE = Path(".cache/inputs/state.sqlite")
 # Who ships the package photos (tasks/photos.py): Python distributions and Debian packages.

@@ -9,7 +9,6 @@ name. Extraction therefore has exactly one loading path:
 
 from __future__ import annotations
 
-import json
 import logging
 import textwrap
 from contextlib import contextmanager
@@ -21,14 +20,12 @@ import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors.torch import save_file
 
-from tasks.preprocess import Preprocess
-from tasks.params import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
-from tasks.schemas import atomic_path, sha256_file, write_json
+from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME
+from tasks.params.models import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
+from tasks.schemas.io import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
 
 # The text tower is never used (we only embed images) but open_clip's CLIP
 # class requires one: keep it as small as open_clip allows.
@@ -251,15 +248,3 @@ def _model_from_config(out_dir: Path, config: dict[str, Any]) -> torch.nn.Module
         return open_clip.create_model(f"local-dir:{out_dir}", pretrained_text=False)
 
 
-def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Preprocess, dict[str, Any]]:
-    """Load a variant through open_clip; returns (model in eval mode, tensor preprocess, model info).
-
-    The preprocessing follows the config open_clip resolved for the model
-    (size, mean, std, interpolation, resize mode), as a module on uint8
-    tensors that the exported embedder can hold too.
-    """
-    model_dir = Path(model_dir)
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{model_dir}", device=device)
-    model.eval()
-    info = json.loads((model_dir / "model.json").read_text())
-    return model, Preprocess.from_cfg(model.visual.preprocess_cfg), info

@@ -29,8 +29,9 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from tasks.models import CONFIG_NAME, build_variant, load_backbone, open_clip_variant_config
-from tasks.params import OpenClipModel
+from tasks.models import build_variant, open_clip_variant_config
+from tasks.backbone import CONFIG_NAME, load_backbone
+from tasks.params.models import OpenClipModel
 from tasks.preprocess import Preprocess, decode_rgb
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from tasks.params import ParamsError, parse_params
+from tasks.params.base import ParamsError
+from tasks.params.project import parse_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 _REPLACED_WHOLE = {("models",), ("sources",), ("sample", "num_classes")}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.schemas import atomic_path
+from tasks.schemas.io import atomic_path
 
 GROUP_TITLES = {"test": "Test classes (reported; never used to choose anything)",
                 "validation": "Validation classes (every choice is made on these)"}

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from tasks.params import ParamsError, SampleParams
-from tasks.schemas import GROUPS, MANIFEST_SCHEMA
+from tasks.params.base import ParamsError
+from tasks.params.sample import SampleParams
+from tasks.schemas.manifest import GROUPS, MANIFEST_SCHEMA
 
 # A held-out class needs one query and one index image to be scored at all.
 MIN_IMAGES_PER_CLASS = 2

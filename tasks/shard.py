@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import webdataset as wds
 
 from tasks.images import BadImage, normalize_image
 from tasks.names import UnsafeName, check_component, check_relative_path
-from tasks.params import ShardParams
-from tasks.schemas import SHARD_INDEX, SPLITS, atomic_path, sha256_file
+from tasks.params.shard import ShardParams
+from tasks.schemas.io import atomic_path, sha256_file
+from tasks.schemas.manifest import SPLITS
 
 INDEX_KIND = "wids-shard-index-v1"  # the wids index shape, plus name/split/sha256 per shard
 _MTIME = 0.0
@@ -111,32 +111,3 @@ def shard_index(entries: list[dict]) -> dict:
     return {"__kind__": INDEX_KIND, "wids_version": 1, "name": "guie-shards", "shardlist": shards}
 
 
-def shards_of_split(index: dict, split: str) -> list[dict]:
-    return [e for e in index["shardlist"] if e["split"] == split]
-
-
-# ---------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    class_id: int
-    jpeg: bytes
-
-
-def read_shard(url: str | Path) -> list[Sample]:
-    """All samples of one tar, in stored order, as raw bytes (decoding happens in workers)."""
-    stream = wds.WebDataset(str(url), shardshuffle=False, empty_check=False).to_tuple("__key__", "cls", "jpg")
-    return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg) for key, cls, jpg in stream]
-
-
-def read_index(shards_dir: Path) -> dict:
-    """The shard stage's index.json (wids shape: `shardlist` of url, nsamples, name, split, sha256)."""
-    return json.loads((shards_dir / SHARD_INDEX).read_text())
-
-
-def read_split(shards_dir: Path, split: str) -> Iterator[Sample]:
-    """Every sample of one split, shard after shard, in the order index.json lists them."""
-    for entry in shards_of_split(read_index(shards_dir), split):
-        yield from read_shard(shards_dir / entry["url"])

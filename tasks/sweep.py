@@ -16,8 +16,10 @@ import numpy as np
 from tasks.evaluate import fit_pca, score_line
 from tasks.features import GroupData, require_images
 from tasks.metrics import paired_bootstrap_difference
-from tasks.params import EvaluateParams, TrainParams
-from tasks.train import TrainingInputs, embed_with_head, train_head
+from tasks.params.evaluate import EvaluateParams
+from tasks.params.train import TrainParams
+from tasks.train import TrainingInputs, train_head
+from tasks.heads import embed_with_head
 
 ZERO_SHOT_LINE = "zero-shot PCA of the concatenation (reference)"
 

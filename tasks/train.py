@@ -8,7 +8,6 @@ over it in minibatches.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,19 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import (GroupData, SplitFeatures, class_group, load_concat,
                             read_manifest_rows)
-from tasks.heads import ArcFace, build_head, dynamic_margins
+from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
+                         embed_with_head)
 from tasks.metrics import mean_precision_at_k
-from tasks.params import TrainParams
-from tasks.schemas import atomic_path, write_json
-
-HEAD_WEIGHTS = "head.safetensors"
-HEAD_CONFIG = "head.json"
+from tasks.params.train import TrainParams
+from tasks.schemas.io import atomic_path, write_json
 
 
 def warmup_linear_decay(total_steps: int, warmup_steps: int):
@@ -87,12 +84,6 @@ class TrainResult:
     head: nn.Module
     history: list[dict[str, float]]
     metrics: dict[str, float]
-
-
-def embed_with_head(head: nn.Module, features: np.ndarray) -> np.ndarray:
-    head.eval()
-    with torch.no_grad():
-        return head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -261,8 +252,3 @@ def save_head(head: nn.Module, out_dir: Path, variants: list[str], params: Train
                                        "branches": params.branches, "variants": variants})
 
 
-def load_head(out_dir: Path) -> tuple[nn.Module, list[str]]:
-    cfg = json.loads((out_dir / HEAD_CONFIG).read_text())
-    head = build_head(cfg["kind"], cfg["in_dim"], cfg["out_dim"], cfg["dropout"], cfg["branches"])
-    head.load_state_dict(load_file(str(out_dir / HEAD_WEIGHTS)))
-    return head.eval(), cfg["variants"]

@@ -82,8 +82,8 @@ def tiny_backbone(tmp_path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.models import CONFIG_NAME, WEIGHTS_NAME
-    from tasks.schemas import sha256_file
+    from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME
+    from tasks.schemas.io import sha256_file
 
     d = tmp_path / "tiny_model"
     d.mkdir()

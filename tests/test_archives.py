@@ -288,7 +288,7 @@ def test_a_nested_archive_is_a_file_never_opened_and_counts_as_its_bytes(tmp_pat
 
 def test_the_download_step_passes_the_sources_limits(tmp_path):
     from tasks.download import place_fetched
-    from tasks.params import Fetch, LandmarksSource
+    from tasks.params.sources import Fetch, LandmarksSource
 
     spec = LandmarksSource(kind="landmarks", uri="x")
     assert (spec.archive_max_entries, spec.archive_max_bytes, spec.archive_max_ratio) == (
@@ -307,8 +307,8 @@ KILL_AFTER_FIRST_MEMBER = """
 import os, signal
 from pathlib import Path
 from tasks import archives, download as dl
-from tasks.params import CsvSource, Fetch
-from tasks.schemas import RAW_DIR
+from tasks.params.sources import CsvSource, Fetch
+from tasks.schemas.paths import RAW_DIR
 
 write = archives._Budget.write
 
@@ -326,8 +326,8 @@ with dl.staged_dir(RAW_DIR / "x") as stage:
 def test_an_extraction_killed_midway_never_looks_done_and_the_next_run_removes_it(in_tmp):
     from conftest import jpeg_bytes
     from flows.download import download
-    from tasks.params import CsvSource
-    from tasks.schemas import RAW_DIR
+    from tasks.params.sources import CsvSource
+    from tasks.schemas.paths import RAW_DIR
     from test_kaggle_download import run_until_killed
 
     images = {f"img/{c}/{i}.jpg": jpeg_bytes(10 * c + i) for c in range(2) for i in range(2)}

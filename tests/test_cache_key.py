@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks import embedding_cache
 from tasks.embedding_cache import EmbeddingCache, cache_key, code_fingerprint, image_digest
-from tasks.models import CONFIG_NAME, WEIGHTS_NAME
+from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME
 from conftest import REPO
 
 DIGEST = image_digest(b"one image")
@@ -125,5 +125,5 @@ def test_the_default_key_covers_the_real_embedding_code(tiny_backbone):
         "tasks.extract:_Decoded",
         "tasks.decode:_decode",
         "tasks.extract:Embedder",
-        "tasks.models:load_backbone",
+        "tasks.backbone:load_backbone",
     }

@@ -24,6 +24,11 @@ def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
             if module.is_file() and module not in seen:
                 seen.add(module)
                 project_imports(module, seen)
+            # tasks.params.train runs tasks/params/__init__.py first (top-level ones are empty)
+            package = REPO / name.rpartition(".")[0].replace(".", "/") / "__init__.py"
+            if name.count(".") >= 2 and package.is_file() and package not in seen:
+                seen.add(package)
+                project_imports(package, seen)
     return seen
 
 
@@ -57,3 +62,48 @@ def test_every_stage_declares_exactly_the_params_sections_it_reads():
         sections = {p.split(".")[0] for p in body["params"]}
         expected = {name if name in params else own[name]} | ALSO_READS.get(name, set())
         assert sections == expected, name
+
+
+# The stages that may depend on each section's params class and each artifact's schema
+# (`inputs`, which validates the whole file on every run, aside): editing one makes stale
+# only the stages that read that section or that artifact.
+READERS = {
+    "tasks/params/models.py": {"models"},
+    "tasks/params/sources.py": {"download"},
+    "tasks/params/sample.py": {"sample"},
+    "tasks/params/shard.py": {"shard"},
+    "tasks/params/extract.py": {"extract"},
+    "tasks/params/train.py": {"train", "sweep"},
+    "tasks/params/evaluate.py": {"evaluate", "sweep"},
+    "tasks/params/sweep.py": {"sweep"},
+    "tasks/params/export.py": {"export"},
+    "tasks/params/project.py": set(),
+    "tasks/schemas/raw.py": {"download", "sample"},
+    "tasks/schemas/manifest.py": {"sample", "shard", "train", "evaluate", "sweep", "export"},
+    "tasks/schemas/shards.py": {"shard", "extract", "evaluate", "export"},
+    "tasks/schemas/features.py": {"extract", "train", "evaluate", "sweep", "export"},
+}
+
+
+def test_a_sections_params_or_an_artifacts_schema_is_a_dep_of_its_readers_only():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    depends = {path: set() for path in READERS}
+    for name, stage in stages.items():
+        for dep in stage.get("do", stage)["deps"]:
+            dep = dep if isinstance(dep, str) else next(iter(dep))
+            if dep in depends and name != "inputs":
+                depends[dep].add(name)
+    assert depends == READERS
+    modules = {p.relative_to(REPO).as_posix() for d in ("params", "schemas")
+               for p in (REPO / "tasks" / d).glob("*.py")}
+    shared = {"tasks/params/__init__.py", "tasks/params/base.py", "tasks/schemas/__init__.py",
+              "tasks/schemas/io.py", "tasks/schemas/paths.py"}
+    assert modules - shared == set(READERS), "a new params or schema module needs its readers"
+
+
+def test_the_inputs_stage_runs_every_time_and_guards_every_download_and_model():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["inputs"]["always_changed"] is True
+    assert stages["inputs"]["outs"] == ["data/00_inputs"]
+    assert "data/00_inputs/sources/${key}.json" in stages["download"]["do"]["deps"]
+    assert "data/00_inputs/models/${key}.json" in stages["models"]["do"]["deps"]

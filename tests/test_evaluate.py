@@ -10,9 +10,9 @@ import pytest
 from conftest import clusters
 from tasks.evaluate import best_zero_shot, group_summary, score_line
 from tasks.features import GroupData, split_groups
-from tasks.params import EvaluateParams
+from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
-from tasks.schemas import write_json
+from tasks.schemas.io import write_json
 
 PARAMS = EvaluateParams(k=5, pca_dim=8, bootstrap_resamples=500)
 

@@ -12,9 +12,9 @@ from PIL import Image
 from tasks.export import Embedder, embed_images, export_embedder, load_exported
 from tasks.features import l2_normalize
 from tasks.heads import build_head
-from tasks.models import load_backbone
+from tasks.backbone import load_backbone
 from tasks.preprocess import Preprocess
-from tasks.train import embed_with_head
+from tasks.heads import embed_with_head
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SHAPES = [(96, 96), (90, 140), (140, 90), (20, 30), (512, 384), (64, 64), (300, 50), (65, 700)]

@@ -12,10 +12,12 @@ import torch
 from conftest import jpeg_bytes
 from tasks.preprocess import decode_rgb
 from tasks.extract import Embedder, embed_shard, feature_metadata, resolve_device
-from tasks.shard import read_shard
-from tasks.models import load_backbone
-from tasks.params import ExtractParams, ShardParams
-from tasks.schemas import MANIFEST_SCHEMA, embeddings_of, read_features, write_features
+from tasks.schemas.shards import read_shard
+from tasks.backbone import load_backbone
+from tasks.params.extract import ExtractParams
+from tasks.params.shard import ShardParams
+from tasks.schemas.features import embeddings_of, read_features, write_features
+from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.shard import plan_shards, write_shard
 
 

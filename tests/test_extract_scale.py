@@ -16,8 +16,12 @@ import pytest
 
 from conftest import REPO, jpeg_bytes
 from tasks.embedding_cache import EmbeddingCache, cache_key, image_digest
-from tasks.params import ExtractParams, ShardParams
-from tasks.schemas import MANIFEST_SCHEMA, SHARD_INDEX, embeddings_of, read_features, write_json
+from tasks.params.extract import ExtractParams
+from tasks.params.shard import ShardParams
+from tasks.schemas.features import embeddings_of, read_features
+from tasks.schemas.io import write_json
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import SHARD_INDEX
 from tasks.shard import plan_shards, shard_index, write_shard
 
 
@@ -114,7 +118,7 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path, tiny_backb
     reference = make_project(tmp_path / "ref", tiny_backbone, images=160, per_shard=8)
     run_extract(reference, monkeypatch, flush_every=4)
     root = make_project(tmp_path / "p", tiny_backbone, images=160, per_shard=8)
-    script = ("from flows.extract import extract; from tasks.params import ExtractParams; "
+    script = ("from flows.extract import extract; from tasks.params.extract import ExtractParams; "
               "extract('tiny', ExtractParams(batch_size=4, num_workers=0, device='cpu', flush_every=4))")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env,

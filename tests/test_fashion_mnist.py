@@ -18,7 +18,7 @@ from tasks.fashion_mnist import (CLASS_NAMES, KNOWN_SHA256, TRAIN_FILES, first_p
                                  load_fashion_mnist, parse_idx, read_idx)
 from tasks.fetch import ChecksumMismatch
 from tasks.http_guard import ByteLimit, TooLarge
-from tasks.params import FashionMnistSource
+from tasks.params.sources import FashionMnistSource
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

@@ -83,7 +83,8 @@ def test_a_completed_download_is_not_fetched_again(server, tmp_path):
 
 def test_kaggle_uris_and_missing_credentials(tmp_path, monkeypatch):
     from tasks.download import check_source
-    from tasks.params import LandmarksSource, ParamsError
+    from tasks.params.base import ParamsError
+    from tasks.params.sources import LandmarksSource
 
     assert parse_kaggle("kaggle://competitions/landmark-recognition-2021") == ("competitions", "landmark-recognition-2021")
     assert parse_kaggle("kaggle://datasets/owner/products-10k") == ("datasets", "owner/products-10k")

@@ -349,7 +349,7 @@ def test_private_addresses_are_only_refused_when_asked(server, tmp_path):
 
 def test_a_dataset_source_stops_at_an_unsafe_name_naming_source_and_entry(in_tmp, server):
     from flows.download import download
-    from tasks.params import CsvSource
+    from tasks.params.sources import CsvSource
 
     segment = EVIL_NAMES["encoded slash"]
     server.files[f"/{segment}"] = b"#!/bin/sh\n"
@@ -361,7 +361,7 @@ def test_a_dataset_source_stops_at_an_unsafe_name_naming_source_and_entry(in_tmp
 
 def test_a_dataset_download_over_its_time_limit_names_source_file_and_limit(in_tmp, server):
     from flows.download import download
-    from tasks.params import CsvSource
+    from tasks.params.sources import CsvSource
 
     assert CsvSource(kind="csv", uri="x").max_download_seconds == 6 * 3600
     server.files["/slow.tar"] = bytes(200)
@@ -375,7 +375,7 @@ def test_a_dataset_download_over_its_time_limit_names_source_file_and_limit(in_t
 
 def test_a_dataset_download_over_its_limit_names_source_file_and_limit(in_tmp, server):
     from flows.download import download
-    from tasks.params import CsvSource
+    from tasks.params.sources import CsvSource
 
     url = f"{server.url}/data.tar"
     with pytest.raises(TooLarge, match=rf"{re.escape(url)}: .* over sources.big.max_download"):

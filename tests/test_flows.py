@@ -14,8 +14,11 @@ from flows.download import download
 from flows.sample import sample
 from flows.shard import shard
 from tasks.download import check_source
-from tasks.params import ImageFolderSource, ParamsError, SampleParams, ShardParams
-from tasks.schemas import MANIFEST, RAW_DIR, SHARDS_DIR
+from tasks.params.base import ParamsError
+from tasks.params.sample import SampleParams
+from tasks.params.shard import ShardParams
+from tasks.params.sources import ImageFolderSource
+from tasks.schemas.paths import MANIFEST, RAW_DIR, SHARDS_DIR
 
 
 def add_bad_images(class_dir):

@@ -13,9 +13,14 @@ from conftest import clusters
 from tasks.features import GroupData, select
 from tasks.heads import ArcFace, build_head, dynamic_margins
 from tasks.metrics import mean_precision_at_k
-from tasks.params import TrainParams
-from tasks.train import (embed_with_head, load_head, make_loss, save_head, train_head,
-                         warmup_cosine, warmup_linear_decay, warmup_step)
+from tasks.params.train import TrainParams
+from tasks.train import (make_loss,
+                         save_head,
+                         train_head,
+                         warmup_cosine,
+                         warmup_linear_decay,
+                         warmup_step)
+from tasks.heads import embed_with_head, load_head
 
 
 def expected_target(cos: float, m: float) -> float:

@@ -155,8 +155,8 @@ def test_an_imagefolder_class_that_is_no_safe_name_stops_the_source(in_tmp, name
     from conftest import jpeg_bytes
     from flows.download import download
     from tasks.names import UnsafeName
-    from tasks.params import ImageFolderSource
-    from tasks.schemas import RAW_DIR
+    from tasks.params.sources import ImageFolderSource
+    from tasks.schemas.paths import RAW_DIR
 
     src = in_tmp / "mine"
     for label in ["ok", name]:

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_imagefolder
 from tasks import inputs
 from tasks.inputs import HashState, model_fingerprint, path_fingerprint, source_fingerprint
-from tasks.params import parse_params
+from tasks.params.project import parse_params
 
 SHA = "ab" * 32
 

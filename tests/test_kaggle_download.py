@@ -179,7 +179,7 @@ def test_a_killed_downloads_folder_never_looks_done_and_the_next_run_removes_it(
 
 
 def test_a_scratch_folder_in_use_is_left_alone(tmp_path):
-    from tasks.schemas import remove_stale_scratch, scratch_dir
+    from tasks.schemas.io import remove_stale_scratch, scratch_dir
 
     with scratch_dir(tmp_path, ".x.downloading-") as live:
         (live / "part.zip").write_bytes(b"half")
@@ -200,7 +200,7 @@ def test_scratch_folders_made_at_once_by_threads_never_collide(tmp_path):
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.schemas import scratch_dir
+    from tasks.schemas.io import scratch_dir
 
     def use(i: int) -> bool:
         with scratch_dir(tmp_path, ".x.extracting-") as path:

@@ -12,9 +12,10 @@ import open_clip
 import pytest
 import torch
 
-from tasks.models import build_lite_trunk, build_variant, convert_lite_state_dict, load_backbone
+from tasks.models import build_lite_trunk, build_variant, convert_lite_state_dict
+from tasks.backbone import load_backbone
 from conftest import REPO
-from tasks.params import CheckpointModel, EfficientNetLiteModel, OpenClipModel
+from tasks.params.models import CheckpointModel, EfficientNetLiteModel, OpenClipModel
 
 
 def test_lite0_conversion_matches_original_logits():
@@ -76,7 +77,7 @@ def test_checkpoint_kind_loads_a_local_open_clip_checkpoint(tmp_path):
 def _build_in_subprocess(tmp_path, spec: dict, hf_home: Path) -> subprocess.CompletedProcess:
     """The models stage's code in a fresh process, offline, with its own HF cache (huggingface_hub reads env at import)."""
     script = ("import sys; from pathlib import Path; from tasks.models import build_variant; "
-              "from tasks.params import OpenClipModel; "
+              "from tasks.params.models import OpenClipModel; "
               f"print(build_variant('clip', OpenClipModel(**{spec!r}), Path(sys.argv[1])))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True,

@@ -169,7 +169,7 @@ def test_embedder_cli_embeds_a_portrait_photo_upright(tmp_path, tiny_backbone, c
     from tasks.embed import load_image
     from tasks.export import Embedder, export_embedder
     from tasks.heads import build_head
-    from tasks.models import load_backbone
+    from tasks.backbone import load_backbone
 
     stored = np.repeat(np.repeat(stored_pixels(), 2, axis=0), 2, axis=1)  # 96 x 64, landscape
     upright = np.rot90(stored, k=-1).copy()

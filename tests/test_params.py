@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tasks.params import ParamsError, load_params, parse_params
+from tasks.params.base import ParamsError
+from tasks.params.project import load_params, parse_params
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tasks.params import ParamsError, parse_params
+from tasks.params.base import ParamsError
+from tasks.params.project import parse_params
 from tasks.presets import apply_overlay, list_presets, preset_params
 
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())

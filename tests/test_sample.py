@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from tasks.params import ParamsError, SampleParams
+from tasks.params.base import ParamsError
+from tasks.params.sample import SampleParams
 from tasks.sample import build_manifest, image_key, is_minority
 
 

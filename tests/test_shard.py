@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import jpeg_bytes
 from tasks.images import BadImage, normalize_image
-from tasks.params import ShardParams
-from tasks.schemas import MANIFEST_SCHEMA
+from tasks.params.shard import ShardParams
+from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.shard import plan_shards, shard_index, write_shard
 
 

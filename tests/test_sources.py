@@ -11,10 +11,12 @@ import pytest
 import miniatures as mini
 from conftest import jpeg_bytes
 from loopback import Fault, Loopback
-from tasks.params import (CsvSource, DeepFashionC2sSource, Fetch, ImageNetSource, LandmarksSource,
-                          Products10kSource, Rp2kSource, SampleParams, ShardParams,
-                          StanfordCarsSource, UrlsSource)
-from tasks.schemas import RAW_DIR, SHARDS_DIR
+from tasks.params.sample import SampleParams
+from tasks.params.shard import ShardParams
+from tasks.params.sources import (CsvSource, DeepFashionC2sSource, Fetch, ImageNetSource,
+                                  LandmarksSource, Products10kSource, Rp2kSource,
+                                  StanfordCarsSource, UrlsSource)
+from tasks.schemas.paths import RAW_DIR, SHARDS_DIR
 
 
 @pytest.fixture

@@ -9,10 +9,15 @@ import pytest
 from conftest import clusters
 from tasks.features import GroupData, select
 from tasks.metrics import bootstrap_interval, mean_precision_at_k
-from tasks.params import EvaluateParams, TrainParams
-from tasks.schemas import FEATURES_DIR, MANIFEST, MANIFEST_SCHEMA, write_features, write_table
+from tasks.params.evaluate import EvaluateParams
+from tasks.params.train import TrainParams
+from tasks.schemas.features import write_features
+from tasks.schemas.io import write_table
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import FEATURES_DIR, MANIFEST
 from tasks.sweep import score_recipe, summarise, sweep_markdown
-from tasks.train import TrainingInputs, embed_with_head, load_training_inputs, train_head
+from tasks.train import TrainingInputs, load_training_inputs, train_head
+from tasks.heads import embed_with_head
 
 EVALUATE = EvaluateParams(pca_dim=8, bootstrap_resamples=300)
 META = {"dim": "4", "model_name": "m", "pretrained": "", "checkpoint_sha256": "0",

@@ -11,8 +11,8 @@ import pytest
 from conftest import jpeg_bytes
 from loopback import Fault, Loopback
 from tasks import http_guard
-from tasks.params import UrlsSource
-from tasks.schemas import RAW_DIR
+from tasks.params.sources import UrlsSource
+from tasks.schemas.paths import RAW_DIR
 from test_fetch_guard import EVIL_NAMES as ALL_EVIL
 
 # a URL list's images are cached under a hash of the URL: a long name is refused only past NAME_MAX
@@ -146,7 +146,7 @@ def test_a_csv_or_tsv_list_is_read_only_until_its_limit_is_passed(tmp_path, name
 
 def test_a_list_over_max_list_rows_stops_the_source_before_any_image(in_tmp, server):
     from flows.download import download
-    from tasks.params import parse_params
+    from tasks.params.project import parse_params
     from tasks.urls import TooManyRows
 
     assert UrlsSource(kind="urls", uri="x").max_list_rows == 10_000_000

@@ -1,0 +1,14 @@
+"""`export`: the one-file embedder and how closely it must match the pipeline."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tasks.params.base import _Section
+
+
+class ExportParams(_Section):
+    # Eval images on which the exported embedder must reproduce the pipeline's embeddings.
+    verify_images: int = Field(64, ge=1)
+    # Largest |exported - pipeline| allowed (float rounding of two resize implementations).
+    tolerance: float = Field(1e-3, gt=0.0)

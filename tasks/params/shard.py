@@ -1,0 +1,15 @@
+"""`shard`: how the sampled images are packed into WebDataset tars."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tasks.params.base import _Section
+
+
+class ShardParams(_Section):
+    # Samples per tar; ~1000 is the WebDataset sweet spot for real data.
+    max_samples: int = Field(1000, ge=1)
+    # Longer side after shard-time downscaling; backbones see <= 336 px anyway.
+    max_side: int = Field(512, ge=32)
+    jpeg_quality: int = Field(92, ge=50, le=100)

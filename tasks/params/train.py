@@ -1,0 +1,52 @@
+"""`train`: the ArcFace-family head on the concatenated features."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.params.base import _Section
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    # Share of all steps spent warming the learning rate up linearly.
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    embedding_dim: int = Field(64, ge=2, le=64)
+    # dropout_linear (default), bn_linear (5th place), multi_dropout (3rd place).
+    head: Literal["dropout_linear", "bn_linear", "multi_dropout"] = "dropout_linear"
+    branches: int = Field(4, ge=1, le=32)  # multi_dropout only
+    # arcface; subcenter_arcface (k centres per class); dynamic_arcface (rarer classes, larger margin).
+    loss: Literal["arcface", "subcenter_arcface", "dynamic_arcface"] = "arcface"
+    arcface_scale: float = Field(30.0, gt=0.0)
+    arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+    subcenters: int = Field(3, ge=1, le=16)  # subcenter_arcface only
+    # dynamic_arcface: margins from the most frequent class to the rarest.
+    margin_min: float = Field(0.2, ge=0.0, lt=1.5)
+    margin_max: float = Field(0.45, ge=0.0, lt=1.5)
+    # After the linear warm-up: linear decay, half cosine, or x step_gamma every step_epochs.
+    schedule: Literal["linear", "cosine", "step"] = "linear"
+    step_epochs: int = Field(100, ge=1)
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    # adamw (decoupled weight decay) or adam (L2 in the gradient, as 2xCLIP's Adam).
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # Stop when the validation classes' mP@5 has not improved for this many epochs
+    # (0: never) and keep the best epoch.
+    early_stopping_patience: int = Field(0, ge=0)
+    # CPU threads: a float sum's order, and so the trained bytes, depend on it;
+    # fixed, a rerun with the same params gives the same head.
+    threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _margin_order(self) -> "TrainParams":
+        if self.margin_min > self.margin_max:
+            raise ValueError(f"train.margin_min = {self.margin_min} > train.margin_max = {self.margin_max}: "
+                             "the rarest class's margin must be the larger")
+        return self
