@@ -108,15 +108,15 @@ def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repe
     shards = write_shards(work / name / "shards", images, per_shard, seed=0)
     model, preprocess, info = load_backbone(model_dir)
     device = resolve_device("auto")
-    embedder = Embedder(model, device, "fp16")
+    params = ExtractParams(batch_size=batch, device="auto", cache_dir="",
+                           num_workers=workers if workers == "auto" else int(workers))
+    embedder = Embedder(model, device, "fp16", batch_size=batch, cpu_threads=params.cpu_threads)
     # bare: every image decoded and preprocessed up front
     samples = [s for shard in shards for s in read_shard(shard)]
     with torch.no_grad():
         tensors = [preprocess(decode_rgb(s.jpeg)[None])[0] for s in samples]
     batches = [torch.stack(tensors[i:i + batch]) for i in range(0, len(tensors), batch)]
     warm = write_shards(work / name / "warm", 2 * batch, 2 * batch, seed=1)
-    params = ExtractParams(batch_size=batch, num_workers=workers if workers == "auto" else int(workers),
-                           device="auto", cache_dir="")
     pipeline_seconds(warm, work / name / "feat-warm", model_dir, params)  # warm-up
     # alternate the two, `repeats` times each, and take the medians: these CPUs drift by ~5% run to run
     bares, pipes = [], []
@@ -131,7 +131,8 @@ def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repe
     extra = write_shards(work / name / "shards", images // 10, per_shard, seed=2, start=images)
     incr_s, incr_n = pipeline_seconds(shards + extra, work / name / "feat-incr", model_dir, cached)
     return {"backbone": name, "model": info["model_name"], "device": str(device), "images": images,
-            "images_per_shard": per_shard, "batch_size": batch, "num_workers": workers, "threads": torch.get_num_threads(),
+            "images_per_shard": per_shard, "batch_size": batch, "num_workers": workers,
+            "threads": params.cpu_threads,
             "bare_images_per_s": round(bare, 1), "pipeline_images_per_s": round(piped, 1),
             "pipeline_over_bare": round(piped / bare, 3), "repeats": repeats,
             "full_run_s": round(full_s, 2), "full_run_embedded": full_n,

@@ -92,15 +92,17 @@ def library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
-def cache_key(model_dir: Path | str, device_type: str, precision: str) -> dict[str, Any]:
+def cache_key(model_dir: Path | str, device_type: str, precision: str, *, batch_size: int,
+              cpu_threads: int) -> dict[str, Any]:
     """Everything besides the image that decides its embedding.
 
     The checkpoint's bytes, the variant's full open_clip config (architecture,
     activation, preprocessing), the meaning of the embedding code, the library
-    versions, and the numerics (CPU fp32, or the GPU model and CUDA fp16/bf16 autocast).
+    versions, and the numerics: CPU fp32 or the GPU model and CUDA fp16/bf16
+    autocast, and the batch shape and CPU threads, by which torch picks kernels.
     """
     model_dir = Path(model_dir)
-    numerics = "cpu-fp32"
+    numerics = f"cpu-fp32, batches of {batch_size}, {cpu_threads} threads"
     if device_type == "cuda":  # kernels (and so the last bits) differ between GPU generations
         import torch
 
@@ -108,7 +110,7 @@ def cache_key(model_dir: Path | str, device_type: str, precision: str) -> dict[s
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             gpu = f"{torch.cuda.get_device_name()} sm{major}{minor}"
-        numerics = f"cuda-{precision} ({gpu})"
+        numerics = f"cuda-{precision} ({gpu}), batches of {batch_size}"
     return {
         "format": CACHE_FORMAT,
         "checkpoint_sha256": sha256_file(model_dir / "open_clip_model.safetensors"),

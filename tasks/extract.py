@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -55,11 +56,24 @@ def resolve_device(choice: str) -> torch.device:
 
 
 class Embedder:
-    """The mapper: batches of preprocessed images -> float32 embeddings (numpy)."""
+    """The mapper: batches of preprocessed images -> float32 embeddings (numpy).
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+    An image's embedding must not depend on which images share its batch or on
+    the caller's thread: torch picks a CPU convolution kernel by batch size and
+    intra-op thread count (1x1 convolutions leave oneDNN for another kernel at
+    one thread and fewer than 16 images; a batch of one takes another path), and
+    each kernel rounds differently in the last bits. So every batch is padded to
+    `batch_size`, and on the CPU the model runs on exactly `cpu_threads` threads
+    whatever this thread inherited (OMP_NUM_THREADS, or torch's count when a
+    thread is started after the decoding threads set theirs to 1). A shard's last
+    batch, cache hits or a retry then change no bytes (extract.cpu_threads).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, *,
+                 batch_size: int, cpu_threads: int):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.batch_size, self.cpu_threads = batch_size, cpu_threads
         self.model = model.to(device).eval()
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -67,12 +81,32 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        n = len(batch)
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"a batch of {n} images: the embedder takes 1 to {self.batch_size}")
         batch = batch.to(self.device, non_blocking=True)
+        if n < self.batch_size:  # the same shape, and so the same kernels, for every batch
+            batch = torch.cat([batch, batch.new_zeros((self.batch_size - n, *batch.shape[1:]))])
         if self.cuda:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with _intra_op_threads(None if self.cuda else self.cpu_threads), \
+                torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             feats = self.model.encode_image(batch)
-        return feats.float().cpu().numpy()
+        return feats[:n].float().cpu().numpy()
+
+
+@contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """This thread's torch intra-op threads set to `threads` (None: left as they are)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decode_workers(params: ExtractParams, device: torch.device) -> int:
@@ -90,7 +124,7 @@ def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams
     With decoding workers, a process pool that outlives the shard decodes
     small chunks ahead of the model (pinned for non-blocking copies on CUDA;
     tasks/decode.py). Without them, each batch is decoded by a thread pool as
-    wide as torch's thread count, between model calls: decoding then gets
+    wide as the model's threads (extract.cpu_threads), between model calls: decoding then gets
     every core for a moment instead of preempting the model's OpenMP threads
     all the time (on 2 cores this is measurably faster, see benchmarks/extract.py).
     """
@@ -103,7 +137,7 @@ def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams
     # One intra-op thread per decoding thread (OpenMP's setting is per thread): a
     # decoding thread with a team of its own would leave spinning OpenMP workers
     # behind that slow the model's next batch.
-    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode",
+    with ThreadPoolExecutor(params.cpu_threads, thread_name_prefix="decode",
                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for start in range(0, len(data), params.batch_size):
             stop = min(start + params.batch_size, len(data))
@@ -138,7 +172,8 @@ def get_worker(model_dir: str, params: ExtractParams) -> Worker:
     a rebuilt model at the same path instead of serving the old one.
     """
     checkpoint = json.loads((Path(model_dir) / "model.json").read_text())["checkpoint_sha256"]
-    key = (str(model_dir), checkpoint, params.device, params.precision, params.cache_dir)
+    key = (str(model_dir), checkpoint, params.device, params.precision, params.batch_size,
+           params.cpu_threads, params.cache_dir)
     with _workers_lock:
         if key not in _workers:
             for old in [k for k in _workers if k[0] == key[0]]:
@@ -147,9 +182,12 @@ def get_worker(model_dir: str, params: ExtractParams) -> Worker:
             model, preprocess, info = load_backbone(model_dir, device="cpu")
             cache = None
             if params.cache_dir:
-                ck = cache_key(model_dir, device.type, params.precision)
+                ck = cache_key(model_dir, device.type, params.precision,
+                               batch_size=params.batch_size, cpu_threads=params.cpu_threads)
                 cache = EmbeddingCache(params.cache_dir, ck, int(info["dim"]))
-            _workers[key] = Worker(Embedder(model, device, params.precision), preprocess,
+            embedder = Embedder(model, device, params.precision, batch_size=params.batch_size,
+                                cpu_threads=params.cpu_threads)
+            _workers[key] = Worker(embedder, preprocess,
                                    feature_metadata(Path(model_dir).name, info), cache)
         return _workers[key]
 

@@ -17,6 +17,8 @@ from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME
 from conftest import REPO
 
 DIGEST = image_digest(b"one image")
+# The batch shape and CPU threads the embeddings were computed with (torch picks kernels by them).
+SHAPE = {"batch_size": 32, "cpu_threads": 2}
 
 
 def _cache_with_one_row(root: Path, key: dict) -> None:
@@ -48,8 +50,8 @@ def _change_config(d: Path, section: str, key: str, value) -> None:
 
 def test_each_input_of_an_embedding_is_a_miss(tmp_path, tiny_backbone, monkeypatch):
     root = tmp_path / "cache"
-    _cache_with_one_row(root, cache_key(tiny_backbone, "cpu", "fp16"))
-    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
+    _cache_with_one_row(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
+    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
     others = {
         "checkpoint bytes": _edited_copy(tiny_backbone, tmp_path / "w", _change_weights),
         "activation": _edited_copy(
@@ -64,8 +66,11 @@ def test_each_input_of_an_embedding_is_a_miss(tmp_path, tiny_backbone, monkeypat
         ),
     }
     for what, model_dir in others.items():
-        assert not _hit(root, cache_key(model_dir, "cpu", "fp16")), what
-    assert not _hit(root, cache_key(tiny_backbone, "cuda", "fp16")), "numerics"
+        assert not _hit(root, cache_key(model_dir, "cpu", "fp16", **SHAPE)), what
+    assert not _hit(root, cache_key(tiny_backbone, "cuda", "fp16", **SHAPE)), "numerics"
+    for what, shape in {"batch size": {**SHAPE, "batch_size": 8},
+                        "threads": {**SHAPE, "cpu_threads": 1}}.items():
+        assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **shape)), what
 
     real_version = importlib.metadata.version
     for library in embedding_cache.LIBRARIES:
@@ -75,8 +80,8 @@ def test_each_input_of_an_embedding_is_a_miss(tmp_path, tiny_backbone, monkeypat
                 "version",
                 lambda name, lib=library: "999.0" if name == lib else real_version(name),
             )
-            assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16")), library
-    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
+            assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE)), library
+    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
 
 
 def test_code_meaning_is_a_miss_and_a_comment_is_a_hit(tmp_path, tiny_backbone, monkeypatch):
@@ -88,7 +93,7 @@ def test_code_meaning_is_a_miss_and_a_comment_is_a_hit(tmp_path, tiny_backbone, 
     monkeypatch.syspath_prepend(str(module.parent))
     monkeypatch.setattr(embedding_cache, "EMBEDDING_CODE", ("preprocess_copy",))
     root = tmp_path / "cache"
-    _cache_with_one_row(root, cache_key(tiny_backbone, "cpu", "fp16"))
+    _cache_with_one_row(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
 
     commented = original.replace(
         "    def forward(self, images", "    # a new comment\n    def forward(self, images"
@@ -98,12 +103,12 @@ def test_code_meaning_is_a_miss_and_a_comment_is_a_hit(tmp_path, tiny_backbone, 
     )
     assert commented != original
     module.write_text(commented)
-    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
+    assert _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
 
     changed = original.replace("torch.floor(x + 0.5)", "torch.round(x)")
     assert changed != original
     module.write_text(changed)
-    assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16"))
+    assert not _hit(root, cache_key(tiny_backbone, "cpu", "fp16", **SHAPE))
     sys.modules.pop("preprocess_copy", None)
 
 
@@ -115,10 +120,10 @@ def test_code_fingerprint_ignores_comments_docstrings_and_layout():
 
 
 def test_the_default_key_covers_the_real_embedding_code(tiny_backbone):
-    key = cache_key(tiny_backbone, "cpu", "fp32")
+    key = cache_key(tiny_backbone, "cpu", "fp32", **SHAPE)
     assert key["open_clip_config"] == json.loads((tiny_backbone / CONFIG_NAME).read_text())
     assert set(key["libraries"]) == {"torch", "torchvision", "open_clip_torch", "timm", "pillow"}
-    assert key == cache_key(tiny_backbone, "cpu", "fp32")  # stable between calls
+    assert key == cache_key(tiny_backbone, "cpu", "fp32", **SHAPE)  # stable between calls
     # decoding, preprocessing (both paths), loading and running the model
     assert set(embedding_cache.EMBEDDING_CODE) == {
         "tasks.preprocess",

@@ -40,8 +40,9 @@ def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_pat
 
     model, preprocess, info = load_backbone(tiny_backbone)
     out = tmp_path / "f.arrow"
-    embed_shard(shard_file, out, Embedder(model, resolve_device("cpu"), "fp32"), preprocess,
-                ExtractParams(batch_size=4, num_workers=0), feature_metadata("tiny", info))
+    embedder = Embedder(model, resolve_device("cpu"), "fp32", batch_size=4, cpu_threads=2)
+    embed_shard(shard_file, out, embedder, preprocess, ExtractParams(batch_size=4, num_workers=0),
+                feature_metadata("tiny", info))
     table = pa.ipc.open_file(pa.memory_map(str(out))).read_all()  # pyarrow
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert {k: meta[k] for k in ("model_name", "pretrained", "image_size", "dim")} == {
@@ -62,7 +63,7 @@ def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_pat
 @pytest.mark.parametrize("workers", [0, 2])
 def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, workers):
     model, preprocess, info = load_backbone(tiny_backbone)
-    embedder = Embedder(model, resolve_device("cpu"), "fp16")
+    embedder = Embedder(model, resolve_device("cpu"), "fp16", batch_size=4, cpu_threads=2)
     out = tmp_path / "feat" / "train-000000.arrow"
     seen = []
     stats = embed_shard(shard_file, out, embedder, preprocess, ExtractParams(batch_size=4, num_workers=workers),
@@ -81,6 +82,38 @@ def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, wo
         ref = model.encode_image(batch).numpy()
     assert np.allclose(embeddings_of(table), ref, atol=2e-2 * np.abs(ref).max())
 
+
+
+class _PointwiseConvs(torch.nn.Module):
+    """1x1 and depthwise convolutions, as in EfficientNet: torch runs them on the CPU
+    with other kernels (other last bits) at one thread under 16 images, or for one image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1),
+                                         torch.nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                                         torch.nn.Conv2d(64, 32, 1))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x).mean((2, 3))
+
+
+def test_an_embedding_does_not_depend_on_its_batch_or_the_callers_threads():
+    """A shard's last batch, cache hits or a worker thread started with other torch
+    threads (OMP_NUM_THREADS=1, or after the decoding threads set theirs to 1) change no
+    byte: the fresh-clone check compares the features' hashes with the committed lock."""
+    images = torch.randn(6, 3, 16, 16)
+    embedder = Embedder(_PointwiseConvs(), resolve_device("cpu"), "fp32", batch_size=8,
+                        cpu_threads=2)
+    want = embedder(images)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got = np.concatenate([embedder(images[:5]), embedder(images[5:])])
+        assert got.tobytes() == want.tobytes(), f"{threads} torch threads in the caller"
+        assert torch.get_num_threads() == threads  # the caller's own count is left as it was
+    with pytest.raises(ValueError, match="1 to 8"):
+        embedder(torch.randn(9, 3, 16, 16))
 
 
 def test_empty_shard_gives_an_empty_valid_file(tmp_path):

@@ -63,7 +63,7 @@ def run_extract(root: Path, monkeypatch, **overrides) -> dict:
 
 
 def test_cache_returns_what_was_put_and_survives_reopening(tmp_path, tiny_backbone):
-    key = cache_key(tiny_backbone, "cpu", "fp16")
+    key = cache_key(tiny_backbone, "cpu", "fp16", batch_size=4, cpu_threads=2)
     cache = EmbeddingCache(tmp_path, key, dim=4)
     digests = [image_digest(bytes([i])) for i in range(5)]
     emb = np.arange(20, dtype=np.float32).reshape(5, 4)

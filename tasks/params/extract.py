@@ -28,6 +28,12 @@ class ExtractParams(_Section):
     # on the existing cluster at `dask_address` (one model load per worker).
     runner: Literal["threads", "dask"] = "threads"
     threads: int = Field(1, ge=1)
+    # The model's intra-op threads on the CPU, whatever the process inherited
+    # (OMP_NUM_THREADS, a worker thread's count): torch picks convolution kernels
+    # by thread count and batch size (batches are padded to batch_size), and each
+    # rounds differently; fixed, every machine of one CPU family computes the
+    # same bytes. Also the width of the decoding thread pool.
+    cpu_threads: int = Field(2, ge=1)
     dask_address: str | None = None
 
     @model_validator(mode="after")
