@@ -27,6 +27,7 @@ EMBEDDER = EXPORT_DIR / "embedder.pt2"
 def export(params: ExportParams) -> dict:
     """Export preprocessing + backbones + head as one program, then check it against the pipeline."""
     log = get_run_logger()
+    torch.set_num_threads(params.threads)
     head, variants = load_head(HEAD_DIR)
     towers = []
     for v in variants:
