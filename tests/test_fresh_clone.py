@@ -34,16 +34,20 @@ def lock_hashes(text: str) -> dict[tuple[str, str, str], str]:
     return hashes
 
 
+# The whole default pipeline: about 8 minutes alone, over the suite's 1200 s on two busy cores.
+@pytest.mark.timeout(3600)
 @pytest.mark.xfail(strict=False, reason=(
-    "open: run inside the suite, the clone's extract writes other feature bytes than the "
-    "committed lock (a fresh clone's `make demo` reproduced it exactly, checked by hand); "
-    "something in the test process's environment, likely the thread count, leaks into it"))
+    "until dvc.lock is regenerated after extract.cpu_threads, padded batches and "
+    "export.threads, and a run of the suite has shown this test passing"))
 def test_fresh_clone_reproduces_the_committed_lock(tmp_path, prefect_server):  # noqa: F811
     committed = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    env = {**os.environ, **prefect_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # One OpenMP thread, unlike the machines that commit dvc.lock: the stages that run
+    # torch on the CPU fix their own thread counts, so the bytes must not change.
+    env = {**os.environ, **prefect_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run(clone, env, "repro")
     want, got = lock_hashes(committed), lock_hashes((clone / "dvc.lock").read_text())
     assert set(got) == set(want), "the clone's pipeline has other stages, deps or outs"
