@@ -36,9 +36,6 @@ def lock_hashes(text: str) -> dict[tuple[str, str, str], str]:
 
 # The whole default pipeline: about 8 minutes alone, over the suite's 1200 s on two busy cores.
 @pytest.mark.timeout(3600)
-@pytest.mark.xfail(strict=False, reason=(
-    "until dvc.lock is regenerated after extract.cpu_threads, padded batches and "
-    "export.threads, and a run of the suite has shown this test passing"))
 def test_fresh_clone_reproduces_the_committed_lock(tmp_path, prefect_server):  # noqa: F811
     committed = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout
