@@ -44,6 +44,28 @@ def test_arcface_adds_margin_to_target_angle_only():
     assert arc(emb, labels).item() > F.cross_entropy(10.0 * cos, labels).item()
 
 
+def test_arcface_gradients_equal_the_whole_matrix_formula():
+    """The margin is applied to the true class's cosines only: loss and gradients must equal
+    the textbook form that takes acos/cos of every cosine, both sides of pi - m."""
+    torch.manual_seed(1)
+    arc = ArcFace(dim=6, num_classes=7, scale=16.0, margin=1.2)
+    emb = torch.randn(32, 6, requires_grad=True)
+    labels = torch.randint(0, 7, (32,))
+    arc(emb, labels).backward()
+    ours = emb.grad.clone(), arc.weight.grad.clone()
+    emb.grad, arc.weight.grad = None, None
+    cos = F.linear(F.normalize(emb, dim=-1), F.normalize(arc.weight, dim=-1)).clamp(-1 + 1e-7,
+                                                                                    1 - 1e-7)
+    theta = torch.acos(cos)
+    target = torch.where(theta <= math.pi - 1.2, torch.cos(theta + 1.2),
+                         cos - math.sin(1.2) * 1.2)
+    logits = 16.0 * torch.where(F.one_hot(labels, 7).bool(), target, cos)
+    assert (theta.gather(1, labels[:, None]) > math.pi - 1.2).any()  # both branches taken
+    F.cross_entropy(logits, labels).backward()
+    assert torch.allclose(ours[0], emb.grad, atol=1e-6)
+    assert torch.allclose(ours[1], arc.weight.grad, atol=1e-6)
+
+
 def test_subcenter_arcface_max_pools_over_centres():
     torch.manual_seed(1)
     arc = ArcFace(dim=6, num_classes=3, scale=1.0, margin=0.0, subcenters=4)
