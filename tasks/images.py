@@ -93,7 +93,11 @@ def normalize_image(data: bytes, max_side: int, quality: int) -> tuple[bytes, st
             im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"image too large to decode safely: {exc}") from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names the buffer's memory address: a reason that differed
+        # on every run would make rejects.parquet (a DVC output) change for nothing.
+        raise BadImage("corrupt or truncated image: not a format Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from None
     if min(size) < 1:
         raise BadImage(f"degenerate size {size}")

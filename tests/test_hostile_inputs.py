@@ -76,6 +76,19 @@ def test_a_catalog_row_cannot_make_the_shard_stage_read_outside_its_source(
         read_raw(raw, {"source": "src", "path": "ok.jpg", "key": "k"})
 
 
+def test_an_unreadable_file_is_rejected_with_the_same_reason_every_time():
+    """The reason lands in rejects.parquet, a DVC output: Pillow's own message for a file it
+    cannot identify names a memory address, which would change the output on every run."""
+    from tasks.images import BadImage, normalize_image
+
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(BadImage) as err:
+            normalize_image(bytes(range(256)) * 4, 512, 92)
+        reasons.add(str(err.value))
+    assert len(reasons) == 1 and "0x" not in reasons.pop()
+
+
 @pytest.mark.parametrize("name", ["a\\..\\x.jpg", "C:/x.jpg", "c:x.jpg", "ｘ/．．/．．/y.jpg",
                                   "a\x00b.jpg", "/etc/passwd", "../y.jpg", "x" * 300 + ".jpg"])
 def test_every_refused_kind_of_table_path_is_a_recorded_skip(tmp_path, name):
