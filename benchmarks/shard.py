@@ -76,6 +76,13 @@ def rss_mib() -> tuple[float, float]:
     return tuple(round(int(status[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM"))
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished workers."""
+    own, workers = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 def in_child(fn: Callable[[], dict]) -> dict:
     """Run `fn` in a fresh forked process; its result plus that process's RSS at start and
     peak (MiB), and the largest peak of its own worker processes (ru_maxrss: forked workers
@@ -84,7 +91,9 @@ def in_child(fn: Callable[[], dict]) -> dict:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # restart the peak here: a forked child inherits its parent's
         start = rss_mib()[0]
+        cpu0 = cpu_seconds()
         out = fn()
+        out["cpu_seconds"] = cpu_seconds() - cpu0
         out["rss_mib_at_start"], out["rss_mib_peak"] = start, rss_mib()[1]
         workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         out["worker_rss_mib_peak"] = round(workers / 1024, 1) if workers else None
@@ -143,7 +152,7 @@ def time_plan(manifest: pa.Table, how: str) -> dict:
         return {"seconds": round(time.perf_counter() - start, 2), "shards": len(plans)}
     out = in_child(go)
     out["rss_mib_growth"] = round(out["rss_mib_peak"] - out["rss_mib_at_start"], 1)
-    del out["worker_rss_mib_peak"]
+    del out["worker_rss_mib_peak"], out["cpu_seconds"]
     return out
 
 
@@ -174,6 +183,9 @@ def main() -> None:
         result[f"processes_{processes}"] = {
             "seconds": [round(r["seconds"], 2) for r in rs],
             "images_per_s": round(args.images / secs, 1),
+            # the work itself, whatever else runs: equal at 1 and N means no pool overhead
+            "cpu_ms_per_image": round(1000 * statistics.median(r["cpu_seconds"] for r in rs)
+                                      / args.images, 2),
             "rss_mib_peak": max(r["rss_mib_peak"] for r in rs),
             "worker_rss_mib_peak": max((r["worker_rss_mib_peak"] or 0) for r in rs) or None,
         }
