@@ -16,11 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import REPO, jpeg_bytes
 from flows.shard import shard
 from tasks.images import BadImage, normalize_image
+from tasks.params.base import ParamsError
+from tasks.params.project import parse_params
 from tasks.params.shard import ShardParams
 from tasks.schemas.io import write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
@@ -285,3 +288,11 @@ def test_a_failing_shard_is_named(tmp_path, processes):
     params = ShardParams(max_samples=2, max_side=256, jpeg_quality=90, processes=processes)
     with pytest.raises(ShardError, match=r"^shard query/query-00000[01]\.tar: \w+Error"):
         write_shards(plan_shards(manifest, 2), tmp_path / "raw", tmp_path / "out", params)
+
+
+@pytest.mark.parametrize("value", [0, "all"])
+def test_bad_process_count_is_refused_with_its_key(value):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["shard"]["processes"] = value
+    with pytest.raises(ParamsError, match=rf"shard\.processes\S* = '?{value}'?: allowed"):
+        parse_params(raw)
