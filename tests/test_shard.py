@@ -1,22 +1,34 @@
-"""Bad images are converted or rejected with a reason; shards round-trip through webdataset, byte-reproducibly."""
+"""Bad images are converted or rejected with a reason; shards round-trip through webdataset,
+byte-reproducibly, and as the same bytes from one process or several."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import pickle
+import shutil
 import zlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import REPO, jpeg_bytes
+from flows.shard import shard
 from tasks.images import BadImage, normalize_image
+from tasks.params.base import ParamsError
+from tasks.params.project import parse_params
 from tasks.params.shard import ShardParams
+from tasks.schemas.io import write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
-from tasks.shard import plan_shards, shard_index, write_shard
+from tasks.schemas.paths import MANIFEST, RAW_DIR, SHARDS_DIR
+from tasks.shard import ShardError, plan_shards, shard_index, write_shard, write_shards
 
 
 def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -142,8 +154,9 @@ def manifest_with(tmp_path, files: dict[str, bytes]) -> pa.Table:
     for i, (name, data) in enumerate(sorted(files.items())):
         (tmp_path / "raw" / "src" / "images").mkdir(parents=True, exist_ok=True)
         (tmp_path / "raw" / "src" / "images" / name).write_bytes(data)
-        rows.append({"key": f"src-{i:04d}", "source": "src", "label": name.split(".")[0], "class_id": i,
-                     "path": f"images/{name}", "split": "train" if i % 2 else "query"})
+        rows.append({"key": f"src-{i:04d}", "source": "src", "label": name.split(".")[0],
+                     "class_id": i, "path": f"images/{name}",
+                     "split": "train" if i % 2 else "query"})
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
@@ -187,3 +200,99 @@ def test_shards_are_byte_reproducible(tmp_path):
     second, _ = write_all(tmp_path, manifest, "b")
     assert [e["sha256"] for e in first["shardlist"]] == [e["sha256"] for e in second["shardlist"]]
     assert json.dumps(first) == json.dumps(second)
+
+
+def rotated_jpeg() -> bytes:
+    """A JPEG whose EXIF says "turn 90 degrees" (orientation 6): the shard stores turned pixels."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.arange(24 * 40 * 3, dtype=np.uint8).reshape(24, 40, 3)).save(
+        buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def mixed_files() -> dict[str, bytes]:
+    """Good, converted and rejected images: every path write_shard has."""
+    bad = bad_inputs()
+    return {**{k: bad[k] for k in ("corrupt.jpg", "empty.jpg", "cmyk.jpg", "rgba.png", "huge.jpg")},
+            "rotated.jpg": rotated_jpeg(), **{f"good{i}.jpg": jpeg_bytes(20 + i) for i in range(9)}}
+
+
+def test_plan_matches_a_python_sort_and_sends_only_its_rows():
+    rng = np.random.default_rng(3)
+    n, size = 1003, 40
+    rows = [{"key": f"s-{k:05d}", "source": "s", "label": "l", "class_id": int(k % 7),
+             "path": f"{k}.jpg", "split": ["train", "val", "query", "index", "other"][k % 5]}
+            for k in rng.permutation(n)]
+    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    plans = plan_shards(manifest, size)
+    # the reference: the whole manifest as dicts, sorted by key, cut per split
+    by_key = sorted(manifest.to_pylist(), key=lambda r: r["key"])
+    expected = []
+    for split in ("train", "val", "query", "index"):
+        part = [r for r in by_key if r["split"] == split]
+        expected += [(split, f"{split}-{i // size:06d}", part[i:i + size])
+                     for i in range(0, len(part), size)]
+    assert [(p.split, p.name, p.rows) for p in plans] == expected
+    assert all(p.table.num_rows == len(p.rows) for p in plans)
+    # a plan travels to its worker as its own rows, not as a view of the whole manifest
+    assert len(pickle.dumps(plans[0])) < len(pickle.dumps(manifest)) / 5
+
+
+def write_manifest_and_raw(root, files: dict[str, bytes], missing: str) -> None:
+    """The manifest and raw folder the shard flow reads, with one row whose file is gone."""
+    manifest = manifest_with(root, files)
+    shutil.move(root / "raw", RAW_DIR)
+    (RAW_DIR / "src" / "images" / missing).unlink()
+    n = manifest.num_rows
+    manifest = manifest.drop_columns(["group", "class_images"])
+    manifest = manifest.append_column("group", pa.array(["train"] * n))
+    manifest = manifest.append_column("class_images", pa.array([1] * n, pa.int64()))
+    write_table(MANIFEST, manifest, MANIFEST_SCHEMA)
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_processes_write_the_same_bytes_as_one(in_tmp):
+    write_manifest_and_raw(in_tmp, mixed_files(), missing="good3.jpg")
+    outputs = {}
+    for processes in (1, 2):
+        index = shard(ShardParams(max_samples=3, max_side=256, jpeg_quality=90,
+                                  processes=processes))
+        outputs[processes] = tree_bytes(SHARDS_DIR)
+        shutil.rmtree(SHARDS_DIR)
+    one, two = outputs[1], outputs[2]
+    assert sorted(one) == sorted(two)
+    assert {"index.json", "rejects.parquet"} <= set(one)
+    assert sum(k.endswith(".tar") for k in one) >= 4
+    for name in one:
+        assert one[name] == two[name], name
+    # and the index is the written shards: sha256 and counts of the tars on disk
+    for entry in index["shardlist"]:
+        assert entry["sha256"] == hashlib.sha256(two[entry["url"]]).hexdigest()
+    reasons = {r["path"].split("/")[-1]: r["reason"]
+               for r in pq.read_table(io.BytesIO(two["rejects.parquet"])).to_pylist()}
+    assert set(reasons) == {"corrupt.jpg", "empty.jpg", "good3.jpg"}
+    assert reasons["good3.jpg"] == "file missing"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_failing_shard_is_named(tmp_path, processes):
+    manifest = manifest_with(tmp_path, {f"g{i}.jpg": jpeg_bytes(i) for i in range(8)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "query").write_text("a file where the split's folder should be")
+    params = ShardParams(max_samples=2, max_side=256, jpeg_quality=90, processes=processes)
+    with pytest.raises(ShardError, match=r"^shard query/query-00000[01]\.tar: \w+Error"):
+        write_shards(plan_shards(manifest, 2), tmp_path / "raw", tmp_path / "out", params)
+
+
+@pytest.mark.parametrize("value", [0, "all"])
+def test_bad_process_count_is_refused_with_its_key(value):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["shard"]["processes"] = value
+    with pytest.raises(ParamsError, match=rf"shard\.processes\S* = '?{value}'?: allowed"):
+        parse_params(raw)
