@@ -3,6 +3,7 @@ concurrent writers; device specs are validated; Dask tasks go to workers with a 
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -152,3 +153,20 @@ def test_cuda_device_asks_dask_for_a_gpu_by_default():
     assert dask_resources(ExtractParams(device="cuda")) == {"GPU": 1}
     assert dask_resources(ExtractParams(device="auto")) == {}
     assert dask_resources(ExtractParams(device="cuda", dask_resources={})) == {}
+
+
+def test_a_failing_device_process_fails_the_run_with_its_error(tmp_path, tiny_backbone):
+    """A shard one process cannot read stops the run with that process's traceback, and
+    no device process is left behind."""
+    from tasks.extract_devices import embed_on_devices
+
+    root = make_project(tmp_path, tiny_backbone, images=6, per_shard=3)
+    shard = next((root / "data" / "03_shards").rglob("*.tar"))
+    jobs = [(str(shard), str(tmp_path / "a.arrow")),
+            (str(tmp_path / "missing.tar"), str(tmp_path / "b.arrow"))]
+    params = ExtractParams(batch_size=4, num_workers=0, cache_dir="")
+    model_dir = str(root / "data" / "00_models" / "tiny")
+    with pytest.raises(RuntimeError, match=r"(?s)extract on cpu failed:.*missing\.tar"):
+        list(embed_on_devices(jobs, model_dir, params, ["cpu", "cpu"]))
+    assert not mp.active_children()
+    assert not (tmp_path / "b.arrow").exists()
