@@ -63,7 +63,9 @@ def embed_on_devices(jobs: list[tuple[str, str]], model_dir: str, params: Extrac
     A process that fails or dies stops the others and raises here; the shards written
     by then stay, and the cache makes a rerun skip what was embedded.
     """
-    devices = devices[:max(1, len(jobs))]  # no process for a device with nothing to do
+    if not jobs:
+        return
+    devices = devices[:len(jobs)]  # no process for a device with nothing to do
     ctx = mp.get_context("spawn")
     next_job = ctx.Value("q", len(devices))
     results = ctx.Queue()
