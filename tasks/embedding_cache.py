@@ -148,8 +148,17 @@ class EmbeddingCache:
         for path in sorted(self.dir.glob("*.arrow")):
             if not path.name.startswith("."):  # "." = a temp file of a write in progress
                 self._open(path)
-            elif time.time() - path.stat().st_mtime > STALE_TEMP_S:
+            elif self._stale(path):
                 path.unlink(missing_ok=True)  # left by a killed writer; a live one would be younger
+
+    @staticmethod
+    def _stale(temp: Path) -> bool:
+        """Whether a temp chunk is old enough to be a killed writer's; one that another
+        process renamed into place (or removed) since the directory was listed is not."""
+        try:
+            return time.time() - temp.stat().st_mtime > STALE_TEMP_S
+        except FileNotFoundError:
+            return False
 
     def __len__(self) -> int:
         return len(self._where)

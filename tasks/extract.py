@@ -48,11 +48,28 @@ class _Decoded(Dataset):
 
 
 def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("extract.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    """One device name (auto, cpu, cuda, cuda:N) -> the torch device, or a clear error."""
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"extract.device = {choice!r} but no CUDA device is visible; "
+                           "use 'auto' or 'cpu'")
+    if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
+        raise RuntimeError(f"extract.device = {choice!r} but only {torch.cuda.device_count()} "
+                           "CUDA devices are visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def resolve_devices(spec: str | list[str]) -> list[str]:
+    """The devices extract.device names, one process each: "auto" = every visible GPU
+    (cuda:0 ... cuda:N-1), or the CPU; one GPU stays "cuda", today's single-process path."""
+    if spec == "auto":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] if count > 1 else ["cuda" if count else "cpu"]
+    names = [spec] if isinstance(spec, str) else list(spec)
+    for name in names:
+        resolve_device(name)  # each one exists
+    return names
 
 
 class Embedder:
@@ -118,7 +135,8 @@ def decode_workers(params: ExtractParams, device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams, device: torch.device) -> Iterator[torch.Tensor]:
+def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams,
+            device: torch.device) -> Iterator[torch.Tensor]:
     """Preprocessed batches in order.
 
     With decoding workers, a process pool that outlives the shard decodes
@@ -131,7 +149,8 @@ def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams
     workers = decode_workers(params, device)
     if workers:
         pool = decode_pool(preprocess, workers)
-        yield from pool.batches([s.jpeg for s in samples], params.batch_size, pin=device.type == "cuda")
+        yield from pool.batches([s.jpeg for s in samples], params.batch_size,
+                                pin=device.type == "cuda")
         return
     data = _Decoded(samples, preprocess)
     # One intra-op thread per decoding thread (OpenMP's setting is per thread): a
@@ -166,7 +185,8 @@ def feature_metadata(variant: str, info: dict) -> dict[str, str]:
 
 
 def get_worker(model_dir: str, params: ExtractParams) -> Worker:
-    """The process-wide Worker for a model: a Dask worker or thread pool loads the model once, not per shard.
+    """The process-wide Worker for a model: a Dask worker, a device's process or a thread
+    pool loads the model once, not per shard.
 
     Keyed by the checkpoint's hash too, so a long-lived Dask worker picks up
     a rebuilt model at the same path instead of serving the old one.
@@ -179,6 +199,8 @@ def get_worker(model_dir: str, params: ExtractParams) -> Worker:
             for old in [k for k in _workers if k[0] == key[0]]:
                 del _workers[old]  # one model per folder in memory
             device = resolve_device(params.device)
+            if device.index is not None:  # cuda:N: also for pinned memory and the cache key
+                torch.cuda.set_device(device)
             model, preprocess, info = load_backbone(model_dir, device="cpu")
             cache = None
             if params.cache_dir:
@@ -192,8 +214,9 @@ def get_worker(model_dir: str, params: ExtractParams) -> Worker:
         return _workers[key]
 
 
-def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess, params: ExtractParams,
-                metadata: dict[str, str], progress: Callable[[int], None] | None = None,
+def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess,
+                params: ExtractParams, metadata: dict[str, str],
+                progress: Callable[[int], None] | None = None,
                 cache: EmbeddingCache | None = None) -> dict:
     """Embed one shard into `out` (Arrow IPC, written atomically); returns counts and timing.
 
@@ -228,6 +251,7 @@ def embed_shard(url: Path, out: Path, embedder: Embedder, preprocess: Preprocess
             progress(len(batch))
     for i in np.flatnonzero(~hit):  # duplicates within the shard take their first copy's row
         emb[i] = emb[first[digests[i]]]
-    write_features(out, [s.key for s in samples], np.array([s.class_id for s in samples], np.int32), emb, metadata)
-    return {"shard": Path(url).name, "images": len(samples), "embedded": len(todo), "cached": int(hit.sum()),
-            "seconds": time.perf_counter() - start}
+    write_features(out, [s.key for s in samples],
+                   np.array([s.class_id for s in samples], np.int32), emb, metadata)
+    return {"shard": Path(url).name, "images": len(samples), "embedded": len(todo),
+            "cached": int(hit.sum()), "seconds": time.perf_counter() - start}
