@@ -86,12 +86,20 @@ class ArcFace(nn.Module):
 
     `subcenters` > 1 gives each class k centres and scores a class by its
     closest centre; `margins` (one per class) replaces the single margin.
+
+    `sample_classes` > 0 is Partial FC (An et al., 2021): each step's softmax runs
+    over that many classes, every class of the batch plus others drawn at random
+    (torch's seeded generator), so a step costs the same with 1,000 classes or
+    100,000; only the drawn classes' centres get a gradient. 0, or as many as
+    there are classes, is the whole softmax.
     """
 
     def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3,
-                 subcenters: int = 1, margins: torch.Tensor | None = None, label_smoothing: float = 0.0):
+                 subcenters: int = 1, margins: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 sample_classes: int = 0):
         super().__init__()
         self.num_classes, self.subcenters = num_classes, subcenters
+        self.sample_classes = sample_classes
         self.weight = nn.Parameter(torch.empty(num_classes * subcenters, dim))
         nn.init.xavier_uniform_(self.weight)
         self.scale, self.label_smoothing = scale, label_smoothing
@@ -100,19 +108,36 @@ class ArcFace(nn.Module):
             raise ValueError(f"margins must have shape ({num_classes},), got {tuple(margins.shape)}")
         self.register_buffer("margins", margins)
 
-    def cosines(self, emb: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1))
+    def cosines(self, emb: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine to each class (its best sub-centre): every class, or `classes` (sorted ids)."""
+        weight, n = self.weight, self.num_classes
+        if classes is not None:
+            weight = weight.view(n, self.subcenters, -1)[classes].flatten(0, 1)
+            n = len(classes)
+        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(weight, dim=-1))
         if self.subcenters > 1:
-            cos = cos.view(-1, self.num_classes, self.subcenters).max(dim=-1).values
+            cos = cos.view(-1, n, self.subcenters).max(dim=-1).values
         return cos.clamp(-1 + 1e-7, 1 - 1e-7)
 
-    def logits(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def draw_classes(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The sorted class ids one step's softmax runs over: the batch's own classes and
+        random others up to `sample_classes`; None for the whole softmax."""
+        if not 0 < self.sample_classes < self.num_classes:
+            return None
+        score = torch.rand(self.num_classes, device=labels.device)
+        score[labels] = 2.0  # the batch's classes always make it in
+        k = max(self.sample_classes, int(labels.unique().numel()))
+        return score.topk(k).indices.sort().values
+
+    def logits(self, emb: torch.Tensor, labels: torch.Tensor,
+               classes: torch.Tensor | None = None) -> torch.Tensor:
         """The margin touches one cosine per row, the true class's: it is computed on those
         B values and written back, not on the whole B x classes matrix (with 17,850
         classes that matrix, through acos and cos and their backward, was most of an
-        epoch's time; the values are the same)."""
-        cos = self.cosines(emb)
-        rows = labels.unsqueeze(1)
+        epoch's time; the values are the same). With `classes`, the columns are those
+        classes in their order (Partial FC)."""
+        cos = self.cosines(emb, classes)
+        rows = (labels if classes is None else torch.searchsorted(classes, labels)).unsqueeze(1)
         true = cos.gather(1, rows)
         m = self.margins[labels].unsqueeze(1)
         theta = torch.acos(true)
@@ -122,7 +147,10 @@ class ArcFace(nn.Module):
         return self.scale * cos.scatter(1, rows, target)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(emb, labels), labels, label_smoothing=self.label_smoothing)
+        classes = self.draw_classes(labels)
+        target = labels if classes is None else torch.searchsorted(classes, labels)
+        return F.cross_entropy(self.logits(emb, labels, classes), target,
+                               label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def predict(self, emb: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,8 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
         margins = dynamic_margins(counts, params.margin_min, params.margin_max)
     return ArcFace(params.embedding_dim, len(classes), params.arcface_scale, params.arcface_margin,
                    subcenters=params.subcenters if params.loss == "subcenter_arcface" else 1,
-                   margins=margins, label_smoothing=params.label_smoothing)
+                   margins=margins, label_smoothing=params.label_smoothing,
+                   sample_classes=params.class_sample)
 
 
 def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams,

@@ -66,6 +66,62 @@ def test_arcface_gradients_equal_the_whole_matrix_formula():
     assert torch.allclose(ours[1], arc.weight.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_partial_fc_is_arcface_over_the_drawn_classes(subcenters):
+    """Partial FC's loss equals ArcFace written out over the drawn classes only (an independent
+    softmax over those columns), the batch's classes are always drawn, and only the drawn
+    classes' centres get a gradient."""
+    torch.manual_seed(2)
+    arc = ArcFace(dim=8, num_classes=50, scale=10.0, margin=0.3, subcenters=subcenters,
+                  sample_classes=12)
+    emb, labels = torch.randn(16, 8), torch.randint(0, 50, (16,))
+    torch.manual_seed(5)
+    loss = arc(emb, labels)
+    loss.backward()
+    torch.manual_seed(5)
+    drawn = arc.draw_classes(labels)
+    assert len(drawn) == max(12, len(labels.unique())) and set(labels.tolist()) <= set(
+        drawn.tolist())
+    centres = F.normalize(arc.weight.detach(), dim=-1).view(50, subcenters, 8)
+    cos = torch.einsum("bd,ckd->bck", F.normalize(emb, dim=-1), centres).max(-1).values
+    cos = cos.clamp(-1 + 1e-7, 1 - 1e-7)[:, drawn]
+    expected = 0.0
+    for i, y in enumerate(labels.tolist()):
+        row = 10.0 * cos[i].clone()
+        j = drawn.tolist().index(y)
+        row[j] = 10.0 * expected_target(float(cos[i, j]), 0.3)
+        expected += -torch.log_softmax(row, 0)[j].item() / len(labels)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    touched = arc.weight.grad.view(50, subcenters, 8).abs().sum((1, 2)) > 0
+    assert set(torch.nonzero(touched).flatten().tolist()) <= set(drawn.tolist())
+
+
+def test_partial_fc_with_every_class_is_the_whole_softmax():
+    torch.manual_seed(3)
+    whole = ArcFace(dim=8, num_classes=10, scale=10.0, margin=0.3)
+    sampled = ArcFace(dim=8, num_classes=10, scale=10.0, margin=0.3, sample_classes=10)
+    sampled.load_state_dict(whole.state_dict())
+    emb, labels = torch.randn(16, 8), torch.randint(0, 10, (16,))
+    assert torch.equal(whole(emb, labels), sampled(emb, labels))
+
+
+def test_partial_fc_still_learns():
+    """On clustered features, a head trained with a 6-of-30-class softmax per step ranks
+    the validation classes about as well as one trained with the whole softmax."""
+    train = clusters(range(30), 12, dim=32, seed=0)
+    val = select(train, np.zeros(len(train.keys), bool))
+    query, index = clusters(range(30, 40), 3, 32, 1), clusters(range(30, 40), 5, 32, 2)
+    scores = {}
+    for sample in (0, 6):
+        params = TrainParams(epochs=15, embedding_dim=16, batch_size=32, class_sample=sample,
+                             early_stopping_patience=0)
+        head = train_head(train, val, params).head
+        scores[sample], _, _ = mean_precision_at_k(
+            embed_with_head(head, index.embeddings), index.class_ids,
+            embed_with_head(head, query.embeddings), query.class_ids, k=5)
+    assert scores[6] > 0.5 and scores[6] >= scores[0] - 0.1, scores
+
+
 def test_subcenter_arcface_max_pools_over_centres():
     torch.manual_seed(1)
     arc = ArcFace(dim=6, num_classes=3, scale=1.0, margin=0.0, subcenters=4)

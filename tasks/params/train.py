@@ -37,6 +37,10 @@ class TrainParams(_Section):
     # adamw (decoupled weight decay) or adam (L2 in the gradient, as 2xCLIP's Adam).
     optimizer: Literal["adamw", "adam"] = "adamw"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # Partial FC: the ArcFace softmax of each step over this many classes (the batch's own and
+    # random others) instead of all; 0 = all. A step's cost then stops growing with the
+    # number of classes (benchmarks/scale.py, README "Scale").
+    class_sample: int = Field(0, ge=0)
     # Stop when the validation classes' mP@5 has not improved for this many epochs
     # (0: never) and keep the best epoch.
     early_stopping_patience: int = Field(0, ge=0)
