@@ -63,9 +63,10 @@ def search_blocks(index: faiss.Index, query_emb: np.ndarray, k: int,
 
 
 def approximate_index(index_emb: np.ndarray, factory: str, search_params: str) -> faiss.Index:
-    """A faiss index built from a factory string (e.g. "IVF1024,Flat"), trained and filled
-    with `index_emb`, searching with `search_params` (e.g. "nprobe=32"). faiss's k-means
-    draws its training sample and centroids from fixed seeds: reruns give the same index."""
+    """A faiss index built from a factory string ("HNSW32,Flat", "IVF1024,Flat"), trained
+    if it needs it and filled with `index_emb`, searching with `search_params`
+    ("efSearch=128", "nprobe=32"). faiss draws k-means samples and HNSW levels from fixed
+    seeds: on one thread, reruns give the same index."""
     emb = np.ascontiguousarray(index_emb, dtype=np.float32)
     index = faiss.index_factory(emb.shape[1], factory)
     nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)

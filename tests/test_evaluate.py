@@ -110,16 +110,18 @@ def test_exact_search_says_so_and_matches_brute_force():
                             "test": {"lines": {"head": line["scores"]}}}) == ""
 
 
-def test_approximate_search_beyond_the_threshold_reports_its_recall():
+@pytest.mark.parametrize("factory, setting", [("IVF64,Flat", "nprobe=2"),
+                                              ("HNSW32,Flat", "efSearch=8")])
+def test_approximate_search_beyond_the_threshold_reports_its_recall(factory, setting):
     # 300 classes x 12 index images; the threshold (100) forces the approximate index,
-    # with so few lists probed that it misses neighbours: recall < 1, and the reported
+    # searched so shallowly that it misses neighbours: recall < 1, and the reported
     # recall@5 must equal a brute-force count on the same seeded sample of queries.
     query = clusters(range(300), 2, 16, seed=1, noise=0.5)
     index = clusters(range(300), 12, 16, seed=2, noise=0.5)
     data = GroupData(query, index, ["a"] * len(query.keys))
     params = PARAMS.model_copy(update={"exact_max_index": 100, "recall_queries": 200,
-                                       "approximate_index": "IVF64,Flat",
-                                       "approximate_search": "nprobe=2"})
+                                       "approximate_index": factory,
+                                       "approximate_search": setting})
     line = score_line(identity, data, params)
     search = line["scores"]["all"]
     assert search["search"] == "approximate" and search["recall_queries"] == 200
@@ -136,10 +138,10 @@ def test_approximate_search_beyond_the_threshold_reports_its_recall():
     assert search["mP@5"] == pytest.approx(np.nanmean(per_query), abs=1e-4)
     metrics = {"k": 5, "validation": {"lines": {"head": line["scores"]}},
                "test": {"lines": {"head": line["scores"]}}}
-    assert f"| test | head | IVF64,Flat | nprobe=2 | 200 | {search['recall@5']:.4f}" in \
+    assert f"| test | head | {factory} | {setting} | 200 | {search['recall@5']:.4f}" in \
         search_markdown(metrics)
     # bad settings are refused when params are read
     with pytest.raises(ValueError, match="factory"):
         EvaluateParams(approximate_index="IVFx")
     with pytest.raises(ValueError, match="search setting"):
-        EvaluateParams(approximate_search="efSearch=16")
+        EvaluateParams(approximate_search="nprobe=16")  # an IVF setting, HNSW index
