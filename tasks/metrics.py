@@ -44,11 +44,18 @@ def knn(index_emb: np.ndarray, query_emb: np.ndarray, k: int,
 
     The queries are searched `block` at a time (rounded as `query_blocks` says), so only
     one block is converted to float32 at a time and faiss's scratch space stays that of
-    one block, whatever the number of queries; the index itself is held whole (flat).
+    one block, whatever the number of queries. The index rows are searched where they
+    lie (`faiss.knn`, the kernel `IndexFlatL2.search` runs), not copied into an index:
+    a float32 index costs no memory beyond itself.
     """
-    index = faiss.IndexFlatL2(index_emb.shape[1])
-    index.add(np.ascontiguousarray(index_emb, dtype=np.float32))
-    return search_blocks(index, query_emb, min(k, len(index_emb)), block)
+    index_emb = np.ascontiguousarray(index_emb, dtype=np.float32)
+    k = min(k, len(index_emb))
+    distances = np.empty((len(query_emb), k), dtype=np.float32)
+    ids = np.empty((len(query_emb), k), dtype=np.int64)
+    for a, b in query_blocks(len(query_emb), index_emb.shape[1], block):
+        distances[a:b], ids[a:b] = faiss.knn(
+            np.ascontiguousarray(query_emb[a:b], dtype=np.float32), index_emb, k)
+    return distances, ids
 
 
 def search_blocks(index: faiss.Index, query_emb: np.ndarray, k: int,

@@ -171,8 +171,17 @@ def test_blocked_knn_equals_one_call_and_brute_force_ties_included():
     query_emb = rng.integers(0, 3, size=(4096 * 2 + 2100, 64)).astype(np.float32)
     assert len(query_blocks(len(query_emb), 64, 4096)) == 3
     dist, ids = knn(index_emb, query_emb, 10, block=4096)
-    one_dist, one_ids = knn(index_emb, query_emb, 10, block=len(query_emb))
+    flat = faiss.IndexFlatL2(64)  # one search over all queries, as knn did before blocks
+    flat.add(index_emb)
+    one_dist, one_ids = flat.search(query_emb, 10)
     assert np.array_equal(ids, one_ids) and np.array_equal(dist, one_dist)
+    rng_emb = rng.normal(size=(300, 64)).astype(np.float32)  # no ties: distances to the bit
+    rng_query = rng.normal(size=(4096 + 2100, 64))  # float64: converted a block at a time
+    flat = faiss.IndexFlatL2(64)
+    flat.add(rng_emb)
+    one_dist, one_ids = flat.search(rng_query.astype(np.float32), 10)
+    rng_dist, rng_ids = knn(rng_emb, rng_query, 10, block=4096)
+    assert np.array_equal(rng_ids, one_ids) and np.array_equal(rng_dist, one_dist)
     expected = brute_force_neighbours(index_emb, query_emb, 10)
     assert np.array_equal(ids, expected)
     tied = np.sort(squared_distances(index_emb, query_emb), axis=1)
