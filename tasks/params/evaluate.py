@@ -29,10 +29,11 @@ class EvaluateParams(_Section):
     # 10^6 x 64-d is 256 MB and ~1 min of exact search per 10^4 queries on one core.
     exact_max_index: int = Field(1_000_000, ge=1)
     # The approximate index (a faiss factory string) and its search setting (a faiss
-    # ParameterSpace string). On clustered 64-d data with mP@5 ~0.6 (benchmarks/search.py)
-    # HNSW32 at efSearch=128 finds ~97% of the exact top 5 at a search time that grows
-    # ~log N, where IVF needs a quarter of its lists probed for 95% and is then slower
-    # than flat search. Built on one thread (`threads`), the graph is the same every run.
+    # ParameterSpace string). On clustered 64-d data (benchmarks/search.py, README) HNSW32
+    # at efSearch=128 found 95.5% of the exact top 5 at 10^5 images (mP@5 0.61) but only
+    # 67.5% at 10^6 (mP@5 0.33), and took 12 min to build there on one core; IVF1024
+    # needed a quarter of its lists probed for 96% at 10^5, and was then slower than flat
+    # search. Built on one thread (`threads`), the graph is the same every run.
     approximate_index: str = "HNSW32,Flat"
     approximate_search: str = "efSearch=128"
     # Queries (a seeded sample) searched exactly too, to measure the approximate recall@k.
