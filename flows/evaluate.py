@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
-from tasks.evaluate import best_zero_shot, fit_pca, group_summary, score_line
+from tasks.evaluate import (best_zero_shot, fit_pca, group_summary, score_line,
+                            search_markdown)
 from tasks.features import load_concat, load_variant_split, read_manifest_rows, split_groups
 from tasks.gallery import gallery_rows, pick_queries, render_gallery
 from tasks.params.base import NAMES
@@ -61,7 +62,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
                **{g: group_summary(groups[g], results[g], reference, params) for g in results}}
     write_json(EVAL_DIR / "metrics.json", metrics)
     write_curves(results["test"], EVAL_DIR)
-    table = metrics_markdown(metrics)
+    table = metrics_markdown(metrics) + search_markdown(metrics)  # the latter: "" if exact
     write_bytes(EVAL_DIR / "metrics.md", table.encode("utf-8"))
 
     # The gallery: the head's top-k on the test classes, for queries from every source.

@@ -1,4 +1,6 @@
-"""GUIE's mean Precision@5, with exact Euclidean k-NN from faiss.
+"""GUIE's mean Precision@5, with exact Euclidean k-NN from faiss, searched in blocks of
+queries, and an approximate faiss index with its neighbour recall for indexes too large
+for exact search.
 
 For a query q with n_q index images of its class,
     P(q) = 1 / min(n_q, k) * sum_{j <= min(n_q, k)} rel_q(j)
@@ -12,15 +14,90 @@ import faiss
 import numpy as np
 
 
-def knn(index_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest index rows (squared L2 distances, row ids) for each query."""
-    index = faiss.IndexFlatL2(index_emb.shape[1])
-    index.add(np.ascontiguousarray(index_emb, dtype=np.float32))
-    return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, len(index_emb)))
+QUERY_BLOCK = 16384  # queries searched at once: 16384 x 64-d float32 is 4 MiB
 
 
-def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray, index_labels: np.ndarray,
-                   k: int = 5) -> np.ndarray:
+def query_blocks(n_queries: int, dim: int, block: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of queries, each searched by one faiss call, chosen so that every
+    query goes through the same faiss kernel, on the same tile of queries, as in one call
+    over all queries; results, ties included, are then the same bits.
+
+    faiss's flat search computes distances a tile of `distance_compute_blas_query_bs`
+    queries at a time (BLAS), or query by query when a call has fewer than
+    `distance_compute_blas_threshold / dim` queries. So a block is a multiple of the tile
+    and large enough for BLAS, and a last block too small for BLAS joins the one before.
+    """
+    if block < 1:
+        raise ValueError(f"query block must be >= 1, got {block}")
+    tile = max(int(faiss.cvar.distance_compute_blas_query_bs), 1)
+    blas_min = -(-int(faiss.cvar.distance_compute_blas_threshold) // max(dim, 1))
+    block = -(-max(block, blas_min) // tile) * tile
+    starts = list(range(0, n_queries, block))
+    if len(starts) > 1 and n_queries - starts[-1] < blas_min:
+        starts.pop()  # too few for BLAS alone: with the previous block, as one call has them
+    return [(a, b) for a, b in zip(starts, starts[1:] + [n_queries])]
+
+
+def knn(index_emb: np.ndarray, query_emb: np.ndarray, k: int,
+        block: int = QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest index rows (squared L2 distances, row ids) for each query.
+
+    The queries are searched `block` at a time (rounded as `query_blocks` says), so only
+    one block is converted to float32 at a time and faiss's scratch space stays that of
+    one block, whatever the number of queries. The index rows are searched where they
+    lie (`faiss.knn`, the kernel `IndexFlatL2.search` runs), not copied into an index:
+    a float32 index costs no memory beyond itself.
+    """
+    index_emb = np.ascontiguousarray(index_emb, dtype=np.float32)
+    k = min(k, len(index_emb))
+    distances = np.empty((len(query_emb), k), dtype=np.float32)
+    ids = np.empty((len(query_emb), k), dtype=np.int64)
+    for a, b in query_blocks(len(query_emb), index_emb.shape[1], block):
+        distances[a:b], ids[a:b] = faiss.knn(
+            np.ascontiguousarray(query_emb[a:b], dtype=np.float32), index_emb, k)
+    return distances, ids
+
+
+def search_blocks(index: faiss.Index, query_emb: np.ndarray, k: int,
+                  block: int = QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` over the queries a block at a time, into one [Q, k] result."""
+    distances = np.empty((len(query_emb), k), dtype=np.float32)
+    ids = np.empty((len(query_emb), k), dtype=np.int64)
+    for a, b in query_blocks(len(query_emb), index.d, block):
+        distances[a:b], ids[a:b] = index.search(
+            np.ascontiguousarray(query_emb[a:b], dtype=np.float32), k)
+    return distances, ids
+
+
+def approximate_index(index_emb: np.ndarray, factory: str, search_params: str) -> faiss.Index:
+    """A faiss index built from a factory string ("HNSW32,Flat", "IVF1024,Flat"), trained
+    if it needs it and filled with `index_emb`, searching with `search_params`
+    ("efSearch=128", "nprobe=32"). faiss draws k-means samples and HNSW levels from fixed
+    seeds: on one thread, reruns give the same index."""
+    emb = np.ascontiguousarray(index_emb, dtype=np.float32)
+    index = faiss.index_factory(emb.shape[1], factory)
+    nlist = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)
+    if len(emb) < nlist:
+        raise ValueError(f"approximate index {factory!r} has {nlist} lists but the index has "
+                         f"{len(emb)} images; use fewer lists or raise evaluate.exact_max_index")
+    index.train(emb)
+    index.add(emb)
+    faiss.ParameterSpace().set_index_parameters(index, search_params)
+    return index
+
+
+def neighbour_recall(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Recall@k of approximate search: the mean fraction of each query's exact top k
+    that the approximate top k also holds."""
+    if len(exact_ids) == 0:
+        raise ValueError("neighbour recall needs at least one query")
+    found = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / min(k, len(e))
+             for a, e in zip(approximate_ids, exact_ids)]
+    return float(np.mean(found))
+
+
+def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray,
+                   index_labels: np.ndarray, k: int = 5) -> np.ndarray:
     """Per-query P@k (GUIE definition) from the labels of each query's ranked results.
 
     `retrieved_labels` is [Q, >=k'] in rank order. Queries whose class has no
@@ -39,15 +116,18 @@ def precision_at_k(retrieved_labels: np.ndarray, query_labels: np.ndarray, index
 
 
 def mean_precision_at_k(index_emb: np.ndarray, index_labels: np.ndarray, query_emb: np.ndarray,
-                        query_labels: np.ndarray, k: int = 5, depth: int = 0) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mP@k, per-query P@k, neighbour ids) under exact Euclidean k-NN; ids go `max(k, depth)` deep."""
+                        query_labels: np.ndarray, k: int = 5, depth: int = 0,
+                        ) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mP@k, per-query P@k, neighbour ids) under exact Euclidean k-NN; ids go
+    `max(k, depth)` deep."""
     _, ids = knn(index_emb, query_emb, max(k, depth))
     per_query = precision_at_k(index_labels[ids], query_labels, index_labels, k)
     return float(np.nanmean(per_query)), per_query, ids
 
 
-def precision_recall_curves(neighbours: np.ndarray, query_labels: np.ndarray, index_labels: np.ndarray,
-                            max_k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def precision_recall_curves(neighbours: np.ndarray, query_labels: np.ndarray,
+                            index_labels: np.ndarray, max_k: int = 10,
+                            ) -> tuple[np.ndarray, np.ndarray]:
     """Mean P@k and recall@k for k = 1..max_k from ranked neighbour ids.
 
     P@k here is the plain fraction of relevant results in the top k (the

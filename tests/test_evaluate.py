@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import clusters
-from tasks.evaluate import best_zero_shot, group_summary, score_line
+from tasks.evaluate import best_zero_shot, group_summary, score_line, search_markdown
 from tasks.features import GroupData, split_groups
+from tasks.metrics import precision_at_k
 from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
 from tasks.schemas.io import write_json
@@ -96,3 +97,51 @@ def test_report_shows_intervals_and_the_verdict():
     assert {r["group"] for r in rows} == {"test", "validation"}
     json.dumps(rows, allow_nan=False)
     assert "+0.0000" in metrics_diff_markdown(metrics, metrics)
+
+
+def test_exact_search_says_so_and_matches_brute_force():
+    data = group_with_orphans()
+    line = score_line(identity, data, PARAMS)
+    assert line["scores"]["all"]["search"] == "exact"
+    q, x = identity(data.query.embeddings), identity(data.index.embeddings)
+    brute = np.argsort(((q[:, None] - x[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(line["neighbours"], brute)
+    assert search_markdown({"k": 5, "validation": {"lines": {"head": line["scores"]}},
+                            "test": {"lines": {"head": line["scores"]}}}) == ""
+
+
+@pytest.mark.parametrize("factory, setting", [("IVF64,Flat", "nprobe=2"),
+                                              ("HNSW32,Flat", "efSearch=8")])
+def test_approximate_search_beyond_the_threshold_reports_its_recall(factory, setting):
+    # 300 classes x 12 index images; the threshold (100) forces the approximate index,
+    # searched so shallowly that it misses neighbours: recall < 1, and the reported
+    # recall@5 must equal a brute-force count on the same seeded sample of queries.
+    query = clusters(range(300), 2, 16, seed=1, noise=0.5)
+    index = clusters(range(300), 12, 16, seed=2, noise=0.5)
+    data = GroupData(query, index, ["a"] * len(query.keys))
+    params = PARAMS.model_copy(update={"exact_max_index": 100, "recall_queries": 200,
+                                       "approximate_index": factory,
+                                       "approximate_search": setting})
+    line = score_line(identity, data, params)
+    search = line["scores"]["all"]
+    assert search["search"] == "approximate" and search["recall_queries"] == 200
+    q, x = identity(query.embeddings), identity(index.embeddings)
+    sample = np.sort(np.random.default_rng(params.seed).choice(len(q), 200, replace=False))
+    exact = np.argsort(((q[sample, None] - x[None]) ** 2).sum(-1), axis=1)[:, :5]
+    found = [len(set(a) & set(e)) / 5 for a, e in zip(line["neighbours"][sample, :5].tolist(),
+                                                     exact.tolist())]
+    assert search["recall@5"] == pytest.approx(np.mean(found), abs=1e-4)
+    assert 0.3 < search["recall@5"] < 1.0
+    # the mP@5 beside it is that of the approximate neighbours
+    per_query = precision_at_k(index.class_ids[line["neighbours"]], query.class_ids,
+                               index.class_ids, 5)
+    assert search["mP@5"] == pytest.approx(np.nanmean(per_query), abs=1e-4)
+    metrics = {"k": 5, "validation": {"lines": {"head": line["scores"]}},
+               "test": {"lines": {"head": line["scores"]}}}
+    assert f"| test | head | {factory} | {setting} | 200 | {search['recall@5']:.4f}" in \
+        search_markdown(metrics)
+    # bad settings are refused when params are read
+    with pytest.raises(ValueError, match="factory"):
+        EvaluateParams(approximate_index="IVFx")
+    with pytest.raises(ValueError, match="search setting"):
+        EvaluateParams(approximate_search="nprobe=16")  # an IVF setting, HNSW index
