@@ -95,8 +95,8 @@ class ArcFace(nn.Module):
     """
 
     def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3,
-                 subcenters: int = 1, margins: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 sample_classes: int = 0):
+                 subcenters: int = 1, margins: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0, sample_classes: int = 0):
         super().__init__()
         self.num_classes, self.subcenters = num_classes, subcenters
         self.sample_classes = sample_classes
