@@ -18,7 +18,7 @@ def train(variants: list[str], params: TrainParams) -> dict:
     """Train Dropout + Linear-64 + L2 with ArcFace on the concatenated, per-backbone normalised
     features of the training classes; early stopping watches the validation classes."""
     log = get_run_logger()
-    inputs = load_training_inputs(variants)
+    inputs = load_training_inputs(variants, params.max_memory_gb)
     result = train_head(inputs.train, inputs.val, params, inputs.validation, inputs.class_images)
     save_head(result.head, HEAD_DIR, variants, params)
     write_json(HEAD_DIR / "metrics.json", result.metrics)
