@@ -256,7 +256,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     for epoch in range(1, params.epochs + 1):
         head.train()
         order = torch.randperm(n, generator=gen)  # on the CPU: the same order on any device
-        losses, correct = [], torch.zeros((), dtype=torch.long, device=device)
+        losses, correct = [], 0
         for i in range(0, n, params.batch_size):
             idx = order[i:i + params.batch_size]
             if len(idx) < 2 and params.head == "bn_linear":
@@ -269,13 +269,17 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
             loss.backward()
             opt.step()
             sched.step()
-            # kept on the device, read once per epoch: no GPU sync per step
-            losses.append(loss.detach())
-            correct += (arc.predict(emb.detach().float()) == labels).sum()
+            hits = (arc.predict(emb.detach().float()) == labels).sum()
+            if device.type == "cuda":  # kept on the GPU, read once per epoch: no sync per step
+                losses.append(loss.detach().clone())
+                correct += hits
+            else:  # numbers, not tensors: a 0-d tensor per step pins freed memory on the CPU
+                losses.append(loss.item())
+                correct += hits.item()
         selection = _validation_classes_score(head, validation, device)
         history.append({"epoch": epoch,
-                        "train_loss": float(np.mean([v.item() for v in losses])),
-                        "train_acc": correct.item() / n,
+                        "train_loss": float(np.mean([float(v) for v in losses])),
+                        "train_acc": int(correct) / n,
                         **_val_scores(head, arc, train, xv, yv, val.class_ids[known], device),
                         "validation_classes_mP@5": selection, "lr": sched.get_last_lr()[0]})
         if params.early_stopping_patience and not math.isnan(selection):

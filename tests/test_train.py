@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -140,3 +141,36 @@ def test_bad_device_and_budget_params_are_refused():
         TrainParams(epochs=1, device="tpu")
     with pytest.raises(ValueError, match="max_memory_gb"):
         TrainParams(epochs=1, max_memory_gb=0)
+
+
+def test_train_flow_streams_over_its_budget_and_writes_the_same_head(in_tmp):
+    """The `train` stage end to end (manifest, features, Prefect flow, outputs): with a budget
+    below the train split it streams it and writes the files it writes in RAM."""
+    from flows.train import train
+    from tasks.schemas.io import write_table
+    from tasks.schemas.manifest import MANIFEST_SCHEMA
+    from tasks.schemas.paths import FEATURES_DIR, HEAD_DIR, MANIFEST
+
+    groups = {c: "train" if c < 4 else "validation" for c in range(6)}
+    splits = {"train": clusters(range(4), 5, sum(DIMS.values()), seed=1),
+              "val": clusters(range(4), 1, sum(DIMS.values()), seed=2),
+              "query": clusters(range(4, 6), 2, sum(DIMS.values()), seed=3),
+              "index": clusters(range(4, 6), 2, sum(DIMS.values()), seed=4)}
+    rows = []
+    for split, data in splits.items():
+        data.keys[:] = [f"{split}-{k}" for k in data.keys]
+        rows += [{"key": k, "source": "s", "label": str(c), "class_id": int(c), "path": k,
+                  "split": split, "group": groups[int(c)], "class_images": 10 + int(c)}
+                 for k, c in zip(data.keys, data.class_ids)]
+        for variant, (lo, hi) in {"a": (0, DIMS["a"]), "b": (DIMS["a"], None)}.items():
+            write_features(FEATURES_DIR / variant / split / f"{split}-000000.arrow", data.keys,
+                           data.class_ids, data.embeddings[:, lo:hi], meta(DIMS[variant]))
+    write_table(MANIFEST, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), MANIFEST_SCHEMA)
+    outputs = []
+    for budget in (1.0, 1e-9):
+        params = TrainParams(epochs=2, batch_size=4, embedding_dim=4, max_memory_gb=budget)
+        train(list(DIMS), params)
+        outputs.append({name: (HEAD_DIR / name).read_bytes()
+                        for name in ("head.safetensors", "head.json", "metrics.json",
+                                     "history.csv")})
+    assert outputs[0] == outputs[1]
