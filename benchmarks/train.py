@@ -145,6 +145,9 @@ def main() -> None:
     if not 0 < args.fraction <= 1:
         sys.exit(f"--fraction = {args.fraction}: give a share of the preset's rows in (0, 1]")
     rows = int(PRESET["images"] * args.fraction)
+    if rows < classes:  # fewer rows than classes: a smaller ArcFace, so a cheaper step
+        sys.exit(f"--fraction = {args.fraction}: {rows} rows cannot hold all {classes} classes; "
+                 f"give at least {classes / PRESET['images']:.3f}")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_features(Path(tmp), rows, classes)
