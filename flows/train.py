@@ -10,7 +10,8 @@ from tasks.params.base import NAMES
 from tasks.params.train import TrainParams
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import HEAD_DIR
-from tasks.train import load_training_inputs, save_head, train_head
+from tasks.features import MappedFeatures
+from tasks.train import load_training_inputs, resolve_device, save_head, train_head
 
 
 @flow(name="train")
@@ -18,7 +19,11 @@ def train(variants: list[str], params: TrainParams) -> dict:
     """Train Dropout + Linear-64 + L2 with ArcFace on the concatenated, per-backbone normalised
     features of the training classes; early stopping watches the validation classes."""
     log = get_run_logger()
-    inputs = load_training_inputs(variants)
+    inputs = load_training_inputs(variants, params.max_memory_gb)
+    streamed = isinstance(inputs.train, MappedFeatures)
+    log.info("train: %d train rows %s, on %s", len(inputs.train.keys),
+             "streamed from the memory-mapped features (over train.max_memory_gb)" if streamed
+             else "in RAM", resolve_device(params.device))
     result = train_head(inputs.train, inputs.val, params, inputs.validation, inputs.class_images)
     save_head(result.head, HEAD_DIR, variants, params)
     write_json(HEAD_DIR / "metrics.json", result.metrics)

@@ -3,13 +3,14 @@ the query and index features into class groups by the manifest."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from tasks.schemas.features import embeddings_of, read_features
+from tasks.schemas.features import read_features
 from tasks.schemas.io import read_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import FEATURES_DIR, MANIFEST
@@ -30,34 +31,139 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def load_variant_split(variant: str, split: str, root: Path = FEATURES_DIR) -> SplitFeatures:
     """All shards of one split for one backbone, concatenated in shard order."""
-    files = sorted((root / variant / split).glob("*.arrow"))
+    keys, ids, mapped = _map_variant(variant, split, root)
+    if not keys:
+        return SplitFeatures([], np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+    return SplitFeatures(keys, ids, np.concatenate(mapped.shards))
+
+
+def _normalise_into(x: np.ndarray, out: np.ndarray, eps: float = 1e-12) -> None:
+    """`l2_normalize(x)` written into `out` (a column block of a wider matrix): the same
+    arithmetic per row, so the same bits, without the normalised copy."""
+    np.divide(x, np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps), out=out)
+
+
+@dataclass
+class _MappedVariant:
+    """One backbone's shards of a split: (rows, dim) float32 views on the memory-mapped files
+    and the first row of each shard (`starts[-1]` is the row count)."""
+    shards: list[np.ndarray]
+    starts: np.ndarray
+    dim: int
+
+
+def _map_variant(variant: str, split: str, root: Path) -> tuple[list[str], np.ndarray,
+                                                                 _MappedVariant]:
+    """The keys, class ids and memory-mapped embeddings of one backbone's split; the
+    embeddings stay on disk (the page cache) until rows are read."""
     keys: list[str] = []
-    ids, embs = [], []
-    for f in files:
+    ids, shards = [], []
+    for f in sorted((root / variant / split).glob("*.arrow")):
         table, _ = read_features(f)
         keys.extend(table.column("key").to_pylist())
         ids.append(table.column("class_id").to_numpy().astype(np.int64))
-        embs.append(embeddings_of(table))
-    if not files:
-        return SplitFeatures([], np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
-    return SplitFeatures(keys, np.concatenate(ids), np.concatenate(embs))
+        col = table.column("embedding")
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        shards.append(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size))
+    dim = shards[0].shape[1] if shards else 0
+    starts = np.cumsum([0] + [len(s) for s in shards])
+    return keys, (np.concatenate(ids) if ids else np.zeros(0, np.int64)), _MappedVariant(
+        shards, starts, dim)
+
+
+@dataclass
+class MappedFeatures:
+    """One split's features of several backbones, memory-mapped, not yet in RAM.
+
+    Rows come out per-backbone L2-normalised and concatenated in the backbones' order, with
+    the bits `load_concat` gives: all at once into one preallocated matrix (`load`), or a
+    batch of rows at a time (`rows`), so a split bigger than RAM can be trained on.
+    """
+    keys: list[str]
+    class_ids: np.ndarray  # int64 [N]
+    variants: list[_MappedVariant]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def dim(self) -> int:
+        return sum(v.dim for v in self.variants)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the concatenated float32 matrix `load` builds."""
+        return len(self) * self.dim * 4
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows `index` (in that order) as a new contiguous (len(index), dim) float32 array."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((len(index), self.dim), np.float32)
+        offset = 0
+        for v in self.variants:
+            shard = np.searchsorted(v.starts, index, side="right") - 1
+            gathered = np.empty((len(index), v.dim), np.float32)
+            for s in np.unique(shard):
+                at = shard == s
+                gathered[at] = v.shards[s][index[at] - v.starts[s]]
+            _normalise_into(gathered, out[:, offset:offset + v.dim])
+            offset += v.dim
+        return out
+
+    def load(self) -> SplitFeatures:
+        """Every row, normalised shard by shard straight into one preallocated matrix."""
+        out = np.empty((len(self), self.dim), np.float32)
+        offset = 0
+        for v in self.variants:
+            for s, shard in enumerate(v.shards):
+                _normalise_into(shard, out[v.starts[s]:v.starts[s + 1], offset:offset + v.dim])
+            offset += v.dim
+        return SplitFeatures(self.keys, self.class_ids, out)
+
+
+def map_concat(variants: list[str], split: str, root: Path = FEATURES_DIR) -> MappedFeatures:
+    """The split's features of `variants`, memory-mapped; the backbones must agree on keys."""
+    mapped = [_map_variant(v, split, root) for v in variants]
+    for v, (keys, _, _) in zip(variants[1:], mapped[1:]):
+        if keys != mapped[0][0]:
+            raise ValueError(f"features of {v!r} and {variants[0]!r} disagree on the {split} "
+                             "keys; rerun extract")
+    keys, ids, _ = mapped[0]
+    return MappedFeatures(keys, ids, [m for _, _, m in mapped] if keys else [])
 
 
 def load_concat(variants: list[str], split: str, root: Path = FEATURES_DIR) -> SplitFeatures:
     """Per-backbone L2-normalised features, concatenated in `variants` order.
 
     Normalising each backbone first keeps one backbone's larger norm from
-    drowning the other in the concatenation, as the 2xCLIP entries did.
+    drowning the other in the concatenation, as the 2xCLIP entries did. Read
+    memory-mapped and written once into a preallocated matrix (no copies).
     """
-    parts = [load_variant_split(v, split, root) for v in variants]
-    for v, p in zip(variants[1:], parts[1:]):
-        if p.keys != parts[0].keys:
-            raise ValueError(f"features of {v!r} and {variants[0]!r} disagree on the {split} "
-                             "keys; rerun extract")
-    if not parts[0].keys:
-        return parts[0]
-    emb = np.concatenate([l2_normalize(p.embeddings) for p in parts], axis=1)
-    return SplitFeatures(parts[0].keys, parts[0].class_ids, emb.astype(np.float32))
+    return map_concat(variants, split, root).load()
+
+
+def available_memory_bytes() -> int:
+    """RAM a new allocation can take without swapping: MemAvailable (Linux), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_or_map(variants: list[str], split: str, max_memory_gb: float | None,
+                root: Path = FEATURES_DIR) -> SplitFeatures | MappedFeatures:
+    """The split in RAM if its concatenated matrix fits `max_memory_gb` (None: half the RAM
+    available now, the rest for the other splits, the model and the page cache streaming
+    reads through), else left memory-mapped for a reader to stream."""
+    budget = available_memory_bytes() / 2 if max_memory_gb is None else max_memory_gb * 2**30
+    mapped = map_concat(variants, split, root)
+    return mapped if len(mapped) and mapped.nbytes > budget else mapped.load()
 
 
 def select(features: SplitFeatures, keep: np.ndarray) -> SplitFeatures:

@@ -1,15 +1,18 @@
 """Train the 64-d head with an ArcFace-family loss on precomputed backbone embeddings.
 
-Features are small next to images, so training runs on the CPU in seconds:
-the whole train split sits in one tensor and an epoch is a shuffled pass
-over it in minibatches.
+Features are small next to images: on the default data the head trains on the CPU in
+seconds, the whole train split in one tensor, an epoch a shuffled pass over it in
+minibatches. At a million images (`2xclip`) it trains on the GPU (`train.device`), and a
+train split bigger than `train.max_memory_gb` is read from the memory-mapped feature files
+batch by batch, in the same order and with the same values as the in-memory path.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tasks.features import (GroupData, SplitFeatures, class_group, load_concat,
-                            read_manifest_rows)
+from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
+                            load_concat, load_or_map, read_manifest_rows)
 from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
                          embed_with_head)
 from tasks.metrics import mean_precision_at_k
@@ -62,21 +65,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 class TrainingInputs:
     """What training reads: the training classes' train and val features, the validation
     classes' group (query and index features) and every class's catalog size."""
-    train: SplitFeatures
+    train: SplitFeatures | MappedFeatures  # mapped: streamed, over the memory budget
     val: SplitFeatures
     validation: GroupData
     class_images: dict[int, int]
 
 
-def load_training_inputs(variants: list[str]) -> TrainingInputs:
+def load_training_inputs(variants: list[str], max_memory_gb: float | None = math.inf,
+                         ) -> TrainingInputs:
     """The concatenated features of `variants`, split into groups by the manifest; the test
-    classes' features are never read into it."""
+    classes' features are never read into it. A train split over `max_memory_gb` (None: half
+    the available RAM) stays memory-mapped and training streams it; by default it is read
+    into RAM (the sweep fits a PCA on all of it)."""
     meta = read_manifest_rows()
     validation = class_group(load_concat(variants, "query"), load_concat(variants, "index"),
                              meta, "validation")
     class_images = {row["class_id"]: row["class_images"] for row in meta.values()}
-    return TrainingInputs(load_concat(variants, "train"), load_concat(variants, "val"),
-                          validation, class_images)
+    return TrainingInputs(load_or_map(variants, "train", max_memory_gb),
+                          load_concat(variants, "val"), validation, class_images)
 
 
 @dataclass
@@ -90,8 +96,38 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.Tensor,
-                yv: torch.Tensor, val_ids: np.ndarray) -> dict[str, float]:
+EMBED_CHUNK = 65_536  # rows embedded at a time when the train split is streamed or on a GPU
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: the GPU when torch sees one, else the CPU; `cuda` without a GPU is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = cuda but torch sees no CUDA device: use auto or cpu")
+    return torch.device(device)
+
+
+def _embed(head: nn.Module, features: SplitFeatures | MappedFeatures,
+           device: torch.device) -> np.ndarray:
+    """The head's embeddings of every row, on the CPU. In RAM on the CPU: one call, as
+    always (the bytes of the committed metrics); else in chunks read and sent to `device`."""
+    if isinstance(features, SplitFeatures) and device.type == "cpu":
+        return embed_with_head(head, features.embeddings)
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(features.keys), EMBED_CHUNK):
+            rows = np.arange(start, min(start + EMBED_CHUNK, len(features.keys)))
+            batch = (features.rows(rows) if isinstance(features, MappedFeatures)
+                     else features.embeddings[start:start + EMBED_CHUNK])
+            out.append(head(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeatures,
+                xv: torch.Tensor, yv: torch.Tensor, val_ids: np.ndarray,
+                device: torch.device) -> dict[str, float]:
     """The val split's accuracy, loss and mP@5 with the train split as the index: how well
     the head knows the training classes (a monitor, not a selection signal)."""
     if len(xv) == 0:
@@ -100,20 +136,20 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures, xv: torch.T
     with torch.no_grad():
         emb = head(xv)
         acc, loss = (arc.predict(emb) == yv).float().mean().item(), arc(emb, yv).item()
-    index = embed_with_head(head, train.embeddings)
-    mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.numpy(), val_ids, k=5)
+    index = _embed(head, train, device)
+    mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.cpu().numpy(), val_ids, k=5)
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
 
 
-def _validation_classes_score(head: nn.Module, validation: GroupData | None) -> float:
+def _validation_classes_score(head: nn.Module, validation: GroupData | None,
+                              device: torch.device) -> float:
     """mP@5 of the validation classes' queries against their index: classes the head never
     saw, like the test classes, so early stopping selects for what is reported."""
     if validation is None or not validation.query.keys or not validation.index.keys:
         return math.nan
     query, index = validation.query, validation.index
-    _, per_query, _ = mean_precision_at_k(embed_with_head(head, index.embeddings), index.class_ids,
-                                          embed_with_head(head, query.embeddings), query.class_ids,
-                                          k=5)
+    _, per_query, _ = mean_precision_at_k(_embed(head, index, device), index.class_ids,
+                                          _embed(head, query, device), query.class_ids, k=5)
     return float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
 
 
@@ -138,52 +174,74 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
                    sample_classes=params.class_sample)
 
 
-def train_head(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
+def train_head(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: TrainParams,
                validation: GroupData | None = None,
                class_images: dict[int, int] | None = None) -> TrainResult:
     """Fit head + loss on the training classes; `validation` (the validation classes' query
     and index features) drives early stopping. The same inputs and params give the same
-    bytes: seeded generators, deterministic algorithms, `params.threads` CPU threads."""
+    bytes on the CPU, in RAM or streamed (`train` a `MappedFeatures`): seeded generators,
+    deterministic algorithms, `params.threads` CPU threads. The head comes back on the CPU."""
+    device = resolve_device(params.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(params.threads)
     try:
-        with _deterministic():
-            return _train(train, val, params, validation, class_images)
+        with _deterministic(device):
+            return _train(train, val, params, validation, class_images, device)
     finally:
         torch.set_num_threads(threads)
 
 
 @contextmanager
-def _deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+def _deterministic(device: torch.device):
+    """Deterministic kernels; on CUDA a kernel without a deterministic version warns rather
+    than stops a long run (GPU results are reproducible on one GPU model, not bit-equal to
+    the CPU's), and cuBLAS gets the fixed workspace its determinism needs."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
-           validation: GroupData | None,
-           class_images: dict[int, int] | None) -> TrainResult:
+def _batches(train: SplitFeatures | MappedFeatures, device: torch.device):
+    """`rows(index) -> tensor on device`: from one tensor in RAM (moved to the GPU whole), or
+    read from the memory-mapped shards and normalised per batch; the same values either way."""
+    if isinstance(train, MappedFeatures):
+        return lambda idx: torch.from_numpy(train.rows(idx.numpy())).to(device, non_blocking=True)
+    x = torch.from_numpy(train.embeddings).to(device)
+    return lambda idx: x[idx.to(device)]
+
+
+def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: TrainParams,
+           validation: GroupData | None, class_images: dict[int, int] | None,
+           device: torch.device) -> TrainResult:
     if len(train.keys) == 0:
         raise ValueError("train split is empty: nothing to train on")
     torch.manual_seed(params.seed)
     classes = np.unique(train.class_ids)
     remap = {int(c): i for i, c in enumerate(classes)}
-    x = torch.from_numpy(train.embeddings)
-    y = torch.tensor([remap[int(c)] for c in train.class_ids])
+    n, dim = len(train.keys), (train.dim if isinstance(train, MappedFeatures)
+                               else train.embeddings.shape[1])
+    rows = _batches(train, device)
+    y = torch.tensor([remap[int(c)] for c in train.class_ids]).to(device)
     known = np.isin(val.class_ids, classes)
-    xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, x.shape[1])
-    yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long)
+    xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, dim)
+    xv = xv.to(device)
+    yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long).to(device)
 
-    head = build_head(params.head, x.shape[1], params.embedding_dim, params.dropout,
-                      params.branches)
-    arc = make_loss(params, classes, class_images)
+    head = build_head(params.head, dim, params.embedding_dim, params.dropout,
+                      params.branches).to(device)
+    arc = make_loss(params, classes, class_images).to(device)
+    autocast = (torch.autocast("cuda", torch.bfloat16)
+                if device.type == "cuda" and params.amp == "bf16" else nullcontext())
     optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
     opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
                     weight_decay=params.weight_decay)
-    steps_per_epoch = -(-len(x) // params.batch_size)
+    steps_per_epoch = -(-n // params.batch_size)
     total = steps_per_epoch * params.epochs
     warmup = int(params.warmup_fraction * total)
     if params.schedule == "step":
@@ -198,24 +256,32 @@ def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
     best, best_state, best_epoch, since_best = -1.0, None, 0, 0
     for epoch in range(1, params.epochs + 1):
         head.train()
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(n, generator=gen)  # on the CPU: the same order on any device
         losses, correct = [], 0
-        for i in range(0, len(x), params.batch_size):
+        for i in range(0, n, params.batch_size):
             idx = order[i:i + params.batch_size]
             if len(idx) < 2 and params.head == "bn_linear":
                 continue  # BatchNorm cannot normalise a batch of one
-            emb = head(x[idx])
-            loss = arc(emb, y[idx])
+            labels = y[idx.to(device)]
+            with autocast:
+                emb = head(rows(idx))
+                loss = arc(emb, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item())
-            correct += (arc.predict(emb.detach()) == y[idx]).sum().item()
-        selection = _validation_classes_score(head, validation)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        "train_acc": correct / len(x),
-                        **_val_scores(head, arc, train, xv, yv, val.class_ids[known]),
+            hits = (arc.predict(emb.detach().float()) == labels).sum()
+            if device.type == "cuda":  # kept on the GPU, read once per epoch: no sync per step
+                losses.append(loss.detach().clone())
+                correct += hits
+            else:  # numbers, not tensors: a 0-d tensor per step pins freed memory on the CPU
+                losses.append(loss.item())
+                correct += hits.item()
+        selection = _validation_classes_score(head, validation, device)
+        history.append({"epoch": epoch,
+                        "train_loss": float(np.mean([float(v) for v in losses])),
+                        "train_acc": int(correct) / n,
+                        **_val_scores(head, arc, train, xv, yv, val.class_ids[known], device),
                         "validation_classes_mP@5": selection, "lr": sched.get_last_lr()[0]})
         if params.early_stopping_patience and not math.isnan(selection):
             if selection > best:
@@ -229,14 +295,14 @@ def _train(train: SplitFeatures, val: SplitFeatures, params: TrainParams,
     if best_state is not None:
         head.load_state_dict(best_state)
         kept = best_epoch
-    head.eval()
+    head.eval().cpu()
     # Every score reported is the kept epoch's, as it was measured at the end of that epoch:
     # the last epoch's train scores, or val scores of the kept head under the last epoch's
     # ArcFace weights (val_loss, val_acc), would describe no head that exists.
     scores = {name: value for name, value in history[kept - 1].items()
               if name not in ("epoch", "lr")}
     metrics = {**scores, "epochs_run": len(history), "epoch_kept": kept,
-               "num_classes": len(classes), "train_images": len(x), "val_images": len(xv)}
+               "num_classes": len(classes), "train_images": n, "val_images": len(xv)}
     history = [{name: _nan_to_none(v) if isinstance(v, float) else v for name, v in row.items()}
                for row in history]
     metrics = {name: _nan_to_none(v) if isinstance(v, float) else v for name, v in metrics.items()}

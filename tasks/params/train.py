@@ -22,7 +22,8 @@ class TrainParams(_Section):
     # dropout_linear (default), bn_linear (5th place), multi_dropout (3rd place).
     head: Literal["dropout_linear", "bn_linear", "multi_dropout"] = "dropout_linear"
     branches: int = Field(4, ge=1, le=32)  # multi_dropout only
-    # arcface; subcenter_arcface (k centres per class); dynamic_arcface (rarer classes, larger margin).
+    # arcface; subcenter_arcface (k centres per class); dynamic_arcface (rarer classes,
+    # larger margin).
     loss: Literal["arcface", "subcenter_arcface", "dynamic_arcface"] = "arcface"
     arcface_scale: float = Field(30.0, gt=0.0)
     arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
@@ -47,10 +48,24 @@ class TrainParams(_Section):
     # CPU threads: a float sum's order, and so the trained bytes, depend on it;
     # fixed, a rerun with the same params gives the same head.
     threads: int = Field(1, ge=1)
+    # cpu: the committed bytes on any machine with this CPU family. auto: the GPU when torch
+    # sees one (the 2xclip preset's ~950,000 x 1,536 features, 17,850 classes: hours on a CPU),
+    # else the CPU; cuda: the GPU or an error. A GPU's head is reproducible on that GPU model,
+    # not bit-equal to the CPU's.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    # On CUDA only: off (fp32) or bf16 autocast. Off by default: ArcFace multiplies cosines by
+    # arcface_scale (30), and bf16's 8-bit mantissa puts ~0.004 x 30 = 0.1 of noise on each
+    # logit, the size of the margin's effect; the head's matmuls (batch x 1,536 x 64, batch x
+    # 64 x classes) are too small for bf16's FLOPs to matter next to per-step overheads.
+    amp: Literal["off", "bf16"] = "off"
+    # GiB the concatenated train features may take in RAM; over it, batches are read from the
+    # memory-mapped feature files each step (same order, same bytes). null: half the RAM
+    # available when training starts. Val, query and index features are always read into RAM.
+    max_memory_gb: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _margin_order(self) -> "TrainParams":
         if self.margin_min > self.margin_max:
-            raise ValueError(f"train.margin_min = {self.margin_min} > train.margin_max = {self.margin_max}: "
-                             "the rarest class's margin must be the larger")
+            raise ValueError(f"train.margin_min = {self.margin_min} > train.margin_max = "
+                             f"{self.margin_max}: the rarest class's margin must be the larger")
         return self

@@ -1,0 +1,176 @@
+"""Training's feature reading and devices: memory-mapped features, built once into one matrix
+or streamed batch by batch, give the bytes the plain numpy recipe gives, and the same head."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import clusters
+from tasks.features import MappedFeatures, SplitFeatures, load_concat, load_or_map, map_concat
+from tasks.params.train import TrainParams
+from tasks.schemas.features import write_features
+from tasks.train import resolve_device, save_head, train_head
+
+DIMS = {"a": 6, "b": 3}  # two backbones of different widths
+SHARD_ROWS = (7, 1, 12)  # uneven shards, one of a single row
+
+
+def meta(dim: int) -> dict[str, str]:
+    return {"dim": str(dim), "model_name": "m", "pretrained": "", "checkpoint_sha256": "0",
+            "image_size": "8"}
+
+
+def write_split(root: Path, split: str, features: SplitFeatures) -> dict[str, np.ndarray]:
+    """Write `features` as each backbone's shards (backbone `b` scaled, so that per-backbone
+    normalisation matters); returns each backbone's raw rows."""
+    raw = {"a": features.embeddings[:, :DIMS["a"]] * 3.0,
+           "b": features.embeddings[:, DIMS["a"]:] * 0.01}
+    starts = np.cumsum((0,) + SHARD_ROWS)
+    assert starts[-1] == len(features.keys)
+    for variant, emb in raw.items():
+        for s in range(len(SHARD_ROWS)):
+            rows = slice(starts[s], starts[s + 1])
+            write_features(root / variant / split / f"{split}-{s:06d}.arrow",
+                           features.keys[rows], features.class_ids[rows], emb[rows],
+                           meta(DIMS[variant]))
+    return raw
+
+
+def reference(raw: dict[str, np.ndarray]) -> np.ndarray:
+    """The recipe written out in plain numpy: normalise each backbone, then concatenate."""
+    parts = []
+    for emb in raw.values():
+        emb = emb.astype(np.float32)
+        parts.append(emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(parts, axis=1)
+
+
+@pytest.fixture
+def features(tmp_path) -> tuple[Path, SplitFeatures, dict[str, np.ndarray]]:
+    data = clusters(range(4), 5, sum(DIMS.values()), seed=1)
+    return tmp_path, data, write_split(tmp_path, "train", data)
+
+
+def test_loaded_and_streamed_rows_equal_the_numpy_recipe(features):
+    root, data, raw = features
+    expected = reference(raw)
+    loaded = load_concat(list(DIMS), "train", root)
+    assert loaded.keys == data.keys and np.array_equal(loaded.class_ids, data.class_ids)
+    assert loaded.embeddings.tobytes() == expected.tobytes()
+    mapped = map_concat(list(DIMS), "train", root)
+    order = np.random.default_rng(0).permutation(len(data.keys))
+    for batch in (order[:3], order[3:], order[:1], np.array([19, 0, 19])):
+        assert mapped.rows(batch).tobytes() == expected[batch].tobytes()
+    assert mapped.nbytes == expected.nbytes
+    with pytest.raises(IndexError, match="out of range"):
+        mapped.rows(np.array([len(data.keys)]))
+
+
+def test_backbones_that_disagree_on_keys_are_refused(features):
+    root, data, _ = features
+    (root / "b" / "train" / "train-000001.arrow").unlink()
+    with pytest.raises(ValueError, match="disagree on the train keys"):
+        map_concat(list(DIMS), "train", root)
+
+
+def test_the_memory_budget_decides_what_stays_mapped(features):
+    root, _, _ = features
+    assert isinstance(load_or_map(list(DIMS), "train", 1.0, root), SplitFeatures)
+    assert isinstance(load_or_map(list(DIMS), "train", 1e-9, root), MappedFeatures)
+
+
+def test_streamed_training_gives_the_in_memory_head_byte_for_byte(features, tmp_path):
+    """A budget far below the split: every batch read from the memory-mapped shards, in the
+    same shuffled order, gives the same head bytes, history and metrics."""
+    root, data, raw = features
+    val = SplitFeatures(data.keys[:4], data.class_ids[:4], reference(raw)[:4])
+    params = TrainParams(epochs=3, batch_size=6, embedding_dim=4, dropout=0.3)
+    results, digests = [], []
+    for name, budget in (("ram", 1.0), ("streamed", 1e-9)):
+        train = load_or_map(list(DIMS), "train", budget, root)
+        result = train_head(train, val, params)
+        save_head(result.head, tmp_path / name, list(DIMS), params)
+        digests.append(hashlib.sha256((tmp_path / name / "head.safetensors").read_bytes())
+                       .hexdigest())
+        results.append(result)
+    assert isinstance(train, MappedFeatures)
+    assert digests[0] == digests[1]
+    assert results[0].history == results[1].history
+    assert results[0].metrics == results[1].metrics
+    assert results[0].metrics["train_images"] == len(data.keys)
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_gpu_training_saves_a_cpu_head_that_learns(features, tmp_path, amp):
+    """On the GPU (streamed, the 2xclip path), the head comes back on the CPU, saves in the
+    same format, and separates the classes about as well as the CPU's."""
+    root, data, raw = features
+    train = load_or_map(list(DIMS), "train", 1e-9, root)
+    val = SplitFeatures([], np.zeros(0, np.int64), np.zeros((0, sum(DIMS.values())), np.float32))
+    scores = {}
+    for device in ("cpu", "cuda"):
+        params = TrainParams(epochs=30, batch_size=8, embedding_dim=4, device=device, amp=amp)
+        result = train_head(train, val, params)
+        save_head(result.head, tmp_path / device, list(DIMS), params)
+        weights = load_file(str(tmp_path / device / "head.safetensors"))
+        assert all(w.device.type == "cpu" for w in weights.values())
+        scores[device] = result.metrics["train_acc"]
+    assert scores["cuda"] >= scores["cpu"] - 0.15
+
+
+def test_bad_device_and_budget_params_are_refused():
+    with pytest.raises(ValueError, match="device"):
+        TrainParams(epochs=1, device="tpu")
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        TrainParams(epochs=1, max_memory_gb=0)
+
+
+def test_train_flow_streams_over_its_budget_and_writes_the_same_head(in_tmp):
+    """The `train` stage end to end (manifest, features, Prefect flow, outputs): with a budget
+    below the train split it streams it and writes the files it writes in RAM."""
+    from flows.train import train
+    from tasks.schemas.io import write_table
+    from tasks.schemas.manifest import MANIFEST_SCHEMA
+    from tasks.schemas.paths import FEATURES_DIR, HEAD_DIR, MANIFEST
+
+    groups = {c: "train" if c < 4 else "validation" for c in range(6)}
+    splits = {"train": clusters(range(4), 5, sum(DIMS.values()), seed=1),
+              "val": clusters(range(4), 1, sum(DIMS.values()), seed=2),
+              "query": clusters(range(4, 6), 2, sum(DIMS.values()), seed=3),
+              "index": clusters(range(4, 6), 2, sum(DIMS.values()), seed=4)}
+    rows = []
+    for split, data in splits.items():
+        data.keys[:] = [f"{split}-{k}" for k in data.keys]
+        rows += [{"key": k, "source": "s", "label": str(c), "class_id": int(c), "path": k,
+                  "split": split, "group": groups[int(c)], "class_images": 10 + int(c)}
+                 for k, c in zip(data.keys, data.class_ids)]
+        for variant, (lo, hi) in {"a": (0, DIMS["a"]), "b": (DIMS["a"], None)}.items():
+            write_features(FEATURES_DIR / variant / split / f"{split}-000000.arrow", data.keys,
+                           data.class_ids, data.embeddings[:, lo:hi], meta(DIMS[variant]))
+    write_table(MANIFEST, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), MANIFEST_SCHEMA)
+    outputs = []
+    for budget in (1.0, 1e-9):
+        params = TrainParams(epochs=2, batch_size=4, embedding_dim=4, max_memory_gb=budget)
+        train(list(DIMS), params)
+        outputs.append({name: (HEAD_DIR / name).read_bytes()
+                        for name in ("head.safetensors", "head.json", "metrics.json",
+                                     "history.csv")})
+    assert outputs[0] == outputs[1]
