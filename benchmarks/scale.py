@@ -3,13 +3,14 @@
 For each size N this makes a synthetic imagefolder of N small JPEGs (N / 20
 classes, 20 images each, 48-64 px, cached under .cache/bench-scale/ between
 runs), a project folder with its own params.yaml, and a tiny random-init
-open_clip ViT (32 px, 16-d) in the layout the models stage writes, so the
+open_clip ViT (32 px, 256-d output) in the layout the models stage writes, so the
 model is not what is measured. Then it runs the real stage commands, the ones
 `dvc repro` runs, one process each, against one shared Prefect server:
 
     python -m flows.download images / sample / shard / extract tiny / train / evaluate
 
-and reads each process's wall time and peak RSS (`os.wait4`; for a stage that
+(train twice: with the whole ArcFace softmax, the default, and with Partial FC's
+256 classes a step, `train.class_sample`), and reads each process's wall time and peak RSS (`os.wait4`; for a stage that
 starts processes of its own, the largest of them, not their sum), and from the
 Prefect server the stage flow run's own duration: the work, without the
 interpreter's start and imports (seconds that vary with the machine's load).
@@ -50,9 +51,14 @@ from orchestration import start_server  # noqa: E402
 
 PER_CLASS = 20
 FIXED_N = 100
-STAGES = [("download", "images"), ("sample", None), ("shard", None), ("extract", "tiny"),
-          ("train", None), ("evaluate", None)]
-TINY = {"model_cfg": {"embed_dim": 16,
+# (name in the report, stage, foreach key, train params changed for this run)
+STAGES = [("download", "download", "images", {}), ("sample", "sample", None, {}),
+          ("shard", "shard", None, {}), ("extract", "extract", "tiny", {}),
+          # Partial FC: a 256-class softmax a step, whatever the number of classes
+          ("train_class_sample_256", "train", None, {"class_sample": 256}),
+          ("train", "train", None, {}), ("evaluate", "evaluate", None, {})]
+DIM = 256  # the backbone's output: 1 KiB of float32 features an image (2xclip: 6 KiB)
+TINY = {"model_cfg": {"embed_dim": DIM,
                       "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
                                      "head_width": 16, "patch_size": 8},
                       "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16,
@@ -99,7 +105,7 @@ def write_model(project: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / WEIGHTS_NAME))
     (d / "model.json").write_text(json.dumps({
         "model_name": "tiny-vit", "pretrained": "random-init",
-        "checkpoint_sha256": sha256_file(d / WEIGHTS_NAME), "image_size": 32, "dim": 16}))
+        "checkpoint_sha256": sha256_file(d / WEIGHTS_NAME), "image_size": 32, "dim": DIM}))
 
 
 def write_params(project: Path, images: Path) -> None:
@@ -150,7 +156,22 @@ def run_size(n: int, images_root: Path, env: dict) -> dict:
         project = Path(tmp)
         write_params(project, images)
         write_model(project)
-        return {stage: run_stage(project, stage, key, env) for stage, key in STAGES}
+        results = {}
+        for name, stage, key, train in STAGES:
+            params = yaml.safe_load((project / "params.yaml").read_text())
+            params["train"].update(base_train(project) | train)
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            results[name] = run_stage(project, stage, key, env)
+        return results
+
+
+def base_train(project: Path) -> dict:
+    """The train section write_params gave, kept apart so one run's changes don't leak."""
+    saved = project / "train.base.yaml"
+    if not saved.exists():
+        saved.write_text(yaml.safe_dump(yaml.safe_load((project / "params.yaml").read_text())
+                                        ["train"]))
+    return yaml.safe_load(saved.read_text())
 
 
 def main() -> None:
@@ -176,7 +197,7 @@ def main() -> None:
 def report(fixed: dict, results: dict[int, dict]) -> dict:
     sizes = sorted(results)
     stages: dict[str, dict] = {}
-    for stage, _ in STAGES:
+    for stage, *_ in STAGES:
         rows = {}
         for n in sizes:
             r = results[n][stage]
@@ -196,7 +217,7 @@ def report(fixed: dict, results: dict[int, dict]) -> dict:
                                          / max(low["marginal_ms_per_image"], 1e-9), 2),
             "rss_growth_mib": round(high["peak_rss_mib"] - fixed[stage]["peak_rss_mib"], 1)}
     return {"per_class": PER_CLASS, "fixed_n": FIXED_N, "cpu_count": os.cpu_count(),
-            "features_mib": {n: round(n * 16 * 4 / 2**20, 2) for n in sizes}, "stages": stages}
+            "features_mib": {n: round(n * DIM * 4 / 2**20, 2) for n in sizes}, "stages": stages}
 
 
 if __name__ == "__main__":
