@@ -14,8 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows._cli import main
 from tasks.evaluate import (best_zero_shot, fit_pca, group_summary, score_line,
                             search_markdown)
-from tasks.features import load_concat, load_variant_split, read_manifest_rows, split_groups
-from tasks.gallery import gallery_rows, pick_queries, render_gallery
+from tasks.features import load_concat, load_variant_split, read_manifest, split_groups
+from tasks.gallery import gallery_keys, gallery_rows, pick_queries, render_gallery
 from tasks.params.base import NAMES
 from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_markdown, metrics_rows, write_curves
@@ -33,7 +33,7 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     log = get_run_logger()
     faiss.omp_set_num_threads(params.threads)
     torch.set_num_threads(params.threads)
-    meta = read_manifest_rows()
+    meta = read_manifest()
     dim = params.pca_dim
     results: dict[str, dict[str, dict]] = {"validation": {}, "test": {}}
 
@@ -68,8 +68,13 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     # The gallery: the head's top-k on the test classes, for queries from every source.
     test = groups["test"]
     picked = pick_queries(test.sources, GALLERY_QUERIES)
-    captions = [f"{meta[key]['source']}: {meta[key]['label']}" for key in test.query.keys]
-    images = {s.key: s.jpeg for split in ("query", "index") for s in read_split(SHARDS_DIR, split)}
+    captions = [f"{source}: {label}" for source, label in
+                zip(test.sources, meta.column(test.query.keys, "label").to_list())]
+    shown = gallery_keys(picked, results["test"]["head"]["neighbours"], test.query.keys,
+                         test.index.keys, params.k)
+    # Only the shown images' bytes, read shard by shard: all of them would be the dataset.
+    images = {s.key: s.jpeg for split in ("query", "index") for s in read_split(SHARDS_DIR, split)
+              if s.key in shown}
     rows = gallery_rows(picked, results["test"]["head"]["neighbours"], test.query.keys,
                         test.query.class_ids, test.index.keys, test.index.class_ids, captions,
                         images, params.k)

@@ -55,6 +55,13 @@ def render_gallery(rows: list[dict], out: Path, tile: int = 112) -> None:
         canvas.save(tmp, format="PNG")
 
 
+def gallery_keys(query_idx: list[int], neighbours: np.ndarray, query_keys: list[str],
+                 index_keys: list[str], k: int = 5) -> set[str]:
+    """The keys of the images a gallery shows: its queries and their top-k results."""
+    return ({query_keys[q] for q in query_idx}
+            | {index_keys[j] for q in query_idx for j in neighbours[q, :k]})
+
+
 def gallery_rows(query_idx: list[int], neighbours: np.ndarray, query_keys: list[str], query_labels: np.ndarray,
                  index_keys: list[str], index_labels: np.ndarray, captions: list[str], images: dict[str, bytes],
                  k: int = 5) -> list[dict]:

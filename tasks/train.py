@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
-                            load_concat, load_or_map, read_manifest_rows)
+                            load_concat, load_or_map, read_manifest)
 from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
                          embed_with_head)
 from tasks.metrics import mean_precision_at_k
@@ -77,10 +77,10 @@ def load_training_inputs(variants: list[str], max_memory_gb: float | None = math
     classes' features are never read into it. A train split over `max_memory_gb` (None: half
     the available RAM) stays memory-mapped and training streams it; by default it is read
     into RAM (the sweep fits a PCA on all of it)."""
-    meta = read_manifest_rows()
+    meta = read_manifest()
     validation = class_group(load_concat(variants, "query"), load_concat(variants, "index"),
                              meta, "validation")
-    class_images = {row["class_id"]: row["class_images"] for row in meta.values()}
+    class_images = meta.class_images()
     return TrainingInputs(load_or_map(variants, "train", max_memory_gb),
                           load_concat(variants, "val"), validation, class_images)
 

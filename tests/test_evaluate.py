@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 
 from conftest import clusters
 from tasks.evaluate import best_zero_shot, group_summary, score_line, search_markdown
-from tasks.features import GroupData, split_groups
+from tasks.features import GroupData, ManifestIndex, split_groups
+from tasks.gallery import gallery_keys
 from tasks.metrics import precision_at_k
 from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
@@ -70,14 +72,19 @@ def test_reference_line_is_chosen_on_validation_scores():
 def test_split_groups_follows_the_manifest_and_refuses_an_empty_group():
     query, index = clusters(range(3), 2, 8, seed=0), clusters(range(3), 1, 8, seed=3)
     group = {0: "validation", 1: "test", 2: "test"}
-    meta = {k: {"group": group[int(c)], "source": "s"} for f in (query, index)
-            for k, c in zip(f.keys, f.class_ids)}
-    groups = split_groups(query, index, meta)
+    rows = [{"key": k, "group": group[int(c)], "source": f"s{c}"} for f in (query, index)
+            for k, c in zip(f.keys, f.class_ids)]
+    groups = split_groups(query, index, ManifestIndex(pl.DataFrame(rows)))
     assert sorted(groups["validation"].query.class_ids.tolist()) == [0, 0]
     assert sorted(groups["test"].index.class_ids.tolist()) == [1, 2]
-    only_test = {k: {**v, "group": "test"} for k, v in meta.items()}
+    expected = [f"s{c}" for c in groups["test"].query.class_ids]  # each query's own source
+    assert groups["test"].sources == expected
+    only_test = ManifestIndex(pl.DataFrame([{**r, "group": "test"} for r in rows]))
     with pytest.raises(ValueError, match="no validation classes"):
         split_groups(query, index, only_test)
+    stale = ManifestIndex(pl.DataFrame(rows[1:]))  # features of a key the manifest lacks
+    with pytest.raises(ValueError, match="not in the manifest"):
+        split_groups(query, index, stale)
 
 
 def test_report_shows_intervals_and_the_verdict():
@@ -145,3 +152,10 @@ def test_approximate_search_beyond_the_threshold_reports_its_recall(factory, set
         EvaluateParams(approximate_index="IVFx")
     with pytest.raises(ValueError, match="search setting"):
         EvaluateParams(approximate_search="nprobe=16")  # an IVF setting, HNSW index
+
+
+def test_gallery_reads_only_the_images_it_shows():
+    neighbours = np.array([[3, 1, 0], [2, 2, 4], [0, 1, 2]])
+    keys = gallery_keys([0, 2], neighbours, ["q0", "q1", "q2"], ["i0", "i1", "i2", "i3", "i4"],
+                        k=2)
+    assert keys == {"q0", "q2", "i3", "i1", "i0"}
