@@ -57,6 +57,11 @@ def search_neighbours(index_emb: np.ndarray, query_emb: np.ndarray, depth: int,
         return knn(index_emb, query_emb, depth, params.query_block)[1], {"search": "exact"}
     index = approximate_index(index_emb, params.approximate_index, params.approximate_search)
     ids = search_blocks(index, query_emb, min(depth, len(index_emb)), params.query_block)[1]
+    short = int((ids < 0).any(axis=1).sum())
+    if short:  # faiss pads with -1, which numpy would read as the last index image
+        raise ValueError(f"the approximate index found fewer than {ids.shape[1]} neighbours "
+                         f"for {short} queries: search wider (evaluate.approximate_search, "
+                         "e.g. a larger efSearch or nprobe) or raise evaluate.exact_max_index")
     rng = np.random.default_rng(params.seed)
     sample = np.sort(rng.choice(len(query_emb), min(params.recall_queries, len(query_emb)),
                                 replace=False))

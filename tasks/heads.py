@@ -146,8 +146,11 @@ class ArcFace(nn.Module):
         target = torch.where(theta <= math.pi - m, target, true - torch.sin(m) * m)
         return self.scale * cos.scatter(1, rows, target)
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        classes = self.draw_classes(labels)
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor,
+                sample: bool = True) -> torch.Tensor:
+        """The loss; `sample=False` takes the whole softmax even with Partial FC (a monitor's
+        loss, which should neither vary nor draw from torch's generator)."""
+        classes = self.draw_classes(labels) if sample else None
         target = labels if classes is None else torch.searchsorted(classes, labels)
         return F.cross_entropy(self.logits(emb, labels, classes), target,
                                label_smoothing=self.label_smoothing)

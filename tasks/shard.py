@@ -3,7 +3,7 @@
 Reproducible means: samples in key order, a fixed mtime, owner and mode in
 every tar header, and JSON with sorted keys, so the same manifest and raw
 files give the same sha256 on every machine and `dvc status` stays quiet.
-Shards are written by a pool of processes (Pillow's decoding holds the GIL);
+Shards are written by a pool of processes (a shard's Python work holds the GIL);
 each shard's bytes depend only on its plan, so any process count writes the
 same files.
 """
@@ -142,7 +142,9 @@ def shard_index(entries: list[dict]) -> dict:
 
 def shard_processes(params: ShardParams) -> int:
     """How many worker processes `shard.processes` means on this machine."""
-    return (os.cpu_count() or 1) if params.processes == "auto" else params.processes
+    if params.processes != "auto":
+        return params.processes
+    return len(os.sched_getaffinity(0))  # the cores this job may use (containers, Slurm)
 
 
 def _write_named(plan: ShardPlan, raw_dir: Path, out_dir: Path,

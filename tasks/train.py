@@ -135,7 +135,8 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeat
     head.eval()
     with torch.no_grad():
         emb = head(xv)
-        acc, loss = (arc.predict(emb) == yv).float().mean().item(), arc(emb, yv).item()
+        acc = (arc.predict(emb) == yv).float().mean().item()
+        loss = arc(emb, yv, sample=False).item()
     index = _embed(head, train, device)
     mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.cpu().numpy(), val_ids, k=5)
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
@@ -229,6 +230,12 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     rows = _batches(train, device)
     y = torch.tensor([remap[int(c)] for c in train.class_ids]).to(device)
     known = np.isin(val.class_ids, classes)
+    if params.monitor_queries and known.sum() > params.monitor_queries:
+        # the monitor searches its queries against the whole train split every epoch: a
+        # fixed sample keeps that linear in the train split (numpy's generator, not torch's)
+        keep = np.random.default_rng(params.seed).choice(
+            np.flatnonzero(known), params.monitor_queries, replace=False)
+        known = np.isin(np.arange(len(known)), keep)
     xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, dim)
     xv = xv.to(device)
     yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long).to(device)

@@ -159,3 +159,14 @@ def test_gallery_reads_only_the_images_it_shows():
     keys = gallery_keys([0, 2], neighbours, ["q0", "q1", "q2"], ["i0", "i1", "i2", "i3", "i4"],
                         k=2)
     assert keys == {"q0", "q2", "i3", "i1", "i0"}
+
+
+def test_an_approximate_search_short_of_neighbours_is_an_error_not_a_wrong_label():
+    """faiss pads a short result list with -1, which numpy indexing would read as the last
+    index image: an IVF index probing one of 64 lists of 120 images finds too few."""
+    query = clusters(range(10), 2, 16, seed=1)
+    index = clusters(range(10), 12, 16, seed=2)
+    params = PARAMS.model_copy(update={"exact_max_index": 10, "approximate_index": "IVF64,Flat",
+                                       "approximate_search": "nprobe=1"})
+    with pytest.raises(ValueError, match="fewer than 10 neighbours"):
+        score_line(identity, GroupData(query, index, ["a"] * len(query.keys)), params)

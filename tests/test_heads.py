@@ -275,3 +275,16 @@ def test_training_gives_the_same_bytes_whatever_the_process_thread_count():
     weights = [b"".join(t.numpy().tobytes() for t in r.head.state_dict().values()) for r in runs]
     assert weights[0] == weights[1]
     assert runs[0].history == runs[1].history
+
+
+def test_partial_fc_can_score_with_the_whole_softmax():
+    """A monitor's loss takes every class and leaves torch's generator alone."""
+    torch.manual_seed(4)
+    whole = ArcFace(dim=8, num_classes=40, scale=10.0, margin=0.3)
+    sampled = ArcFace(dim=8, num_classes=40, scale=10.0, margin=0.3, sample_classes=5)
+    sampled.load_state_dict(whole.state_dict())
+    emb, labels = torch.randn(16, 8), torch.randint(0, 40, (16,))
+    state = torch.get_rng_state()
+    assert torch.equal(sampled(emb, labels, sample=False), whole(emb, labels))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(sampled(emb, labels), whole(emb, labels))

@@ -174,3 +174,27 @@ def test_train_flow_streams_over_its_budget_and_writes_the_same_head(in_tmp):
                         for name in ("head.safetensors", "head.json", "metrics.json",
                                      "history.csv")})
     assert outputs[0] == outputs[1]
+
+
+def test_the_monitor_scores_a_fixed_sample_of_the_val_split():
+    """monitor_queries bounds the per-epoch monitor's search; early stopping (validation
+    classes) and the trained head are unaffected, and the sample is the same every epoch."""
+    from conftest import clusters
+    from tasks.features import select
+    from tasks.params.train import TrainParams
+    from tasks.train import train_head
+
+    train = clusters(range(8), 10, dim=16, seed=0, noise=2.0)
+    val = clusters(range(8), 5, dim=16, seed=1, noise=2.0)
+    base = TrainParams(epochs=3, embedding_dim=8, batch_size=16, early_stopping_patience=0)
+    whole = train_head(train, val, base)
+    sampled = train_head(train, val, base.model_copy(update={"monitor_queries": 7}))
+    for a, b in zip(whole.head.state_dict().values(), sampled.head.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"]
+                                                         for h in sampled.history]
+    # the sampled monitor equals the whole monitor run on those 7 queries alone
+    keep = np.isin(np.arange(40), np.random.default_rng(0).choice(40, 7, replace=False))
+    alone = train_head(train, select(val, keep), base)
+    assert [h["val_mP@5"] for h in sampled.history] == [h["val_mP@5"] for h in alone.history]
+    assert [h["val_mP@5"] for h in sampled.history] != [h["val_mP@5"] for h in whole.history]

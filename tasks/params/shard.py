@@ -15,7 +15,7 @@ class ShardParams(_Section):
     # Longer side after shard-time downscaling; backbones see <= 336 px anyway.
     max_side: int = Field(512, ge=32)
     jpeg_quality: int = Field(92, ge=50, le=100)
-    # Worker processes writing shards (Pillow's decode, resize and encode hold the GIL,
-    # so threads do not scale); auto = one per core, 1 = in this process. Every count
-    # writes the same bytes.
+    # Worker processes writing shards (a shard's Python work holds the GIL, so threads do
+    # not add up); auto = one per core this process may use, 1 = in this process. Every
+    # count writes the same bytes.
     processes: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"

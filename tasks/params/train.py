@@ -42,6 +42,10 @@ class TrainParams(_Section):
     # random others) instead of all; 0 = all. A step's cost then stops growing with the
     # number of classes (benchmarks/scale.py, README "Scale").
     class_sample: int = Field(0, ge=0)
+    # Val-split queries the per-epoch monitor (val_acc, val_loss, val_mP@5 against the whole
+    # train split) scores: 0 = all; else a seeded sample of that many, so its search grows
+    # with the train split, not with its square. Early stopping never reads the monitor.
+    monitor_queries: int = Field(0, ge=0)
     # Stop when the validation classes' mP@5 has not improved for this many epochs
     # (0: never) and keep the best epoch.
     early_stopping_patience: int = Field(0, ge=0)
