@@ -67,6 +67,16 @@ def dask_resources(params: ExtractParams) -> dict[str, float]:
     return {"GPU": 1} if str(params.device).startswith("cuda") else {}
 
 
+def unpinned_gpu_warning(params: ExtractParams) -> str | None:
+    """Why a Dask run may stack shards on one GPU: `auto` can't tell what the workers have,
+    so its tasks ask for no GPU resource (clip-retrieval's issue #292 is that wall)."""
+    if params.runner != "dask" or params.device != "auto" or dask_resources(params):
+        return None
+    return ("extract: device 'auto' on a Dask cluster: the shard tasks ask for no GPU, so a "
+            "worker may run several at once on one GPU (or all on GPU 0); with one worker "
+            "per GPU started with --resources GPU=1, set extract.device: cuda (README)")
+
+
 def shard_stats(urls: list[str], outs: list[str], model_dir: str,
                 params: ExtractParams) -> Iterator[dict]:
     """Embed every shard; yields each one's stats (with the embedding process's `pid`)
@@ -83,6 +93,8 @@ def shard_stats(urls: list[str], outs: list[str], model_dir: str,
             yield stats
         return
     resources = dask_resources(params) if params.runner == "dask" else {}
+    if warning := unpinned_gpu_warning(params):
+        get_run_logger().warning(warning)
     annotate = contextlib.nullcontext()
     if resources:
         import dask

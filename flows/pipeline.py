@@ -49,8 +49,12 @@ def run_stage(stage: str, api_url: str) -> None:
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env) as proc:
-        for line in proc.stdout:
-            log.info(line.rstrip())
+        try:
+            for line in proc.stdout:
+                log.info(line.rstrip())
+        except BaseException:  # cancelled or interrupted: leave no `dvc repro` writing
+            proc.terminate()
+            raise
     if proc.returncode:
         raise RuntimeError(f"stage {stage} failed: `dvc repro --single-item {stage}` "
                            f"exited with {proc.returncode}")

@@ -155,6 +155,16 @@ def test_cuda_device_asks_dask_for_a_gpu_by_default():
     assert dask_resources(ExtractParams(device="cuda", dask_resources={})) == {}
 
 
+def test_auto_on_a_dask_cluster_warns_that_nothing_pins_a_gpu():
+    from flows.extract import unpinned_gpu_warning
+
+    dask = {"runner": "dask", "dask_address": "tcp://scheduler:8786"}
+    assert "set extract.device: cuda" in unpinned_gpu_warning(ExtractParams(**dask))
+    assert unpinned_gpu_warning(ExtractParams(device="cuda", **dask)) is None
+    assert unpinned_gpu_warning(ExtractParams(dask_resources={"GPU": 1}, **dask)) is None
+    assert unpinned_gpu_warning(ExtractParams()) is None  # threads: every GPU is pinned
+
+
 def test_a_failing_device_process_fails_the_run_with_its_error(tmp_path, tiny_backbone):
     """A shard one process cannot read stops the run with that process's traceback, and
     no device process is left behind."""
