@@ -96,13 +96,27 @@ def test_partial_fc_is_arcface_over_the_drawn_classes(subcenters):
     assert set(torch.nonzero(touched).flatten().tolist()) <= set(drawn.tolist())
 
 
-def test_partial_fc_with_every_class_is_the_whole_softmax():
-    torch.manual_seed(3)
-    whole = ArcFace(dim=8, num_classes=10, scale=10.0, margin=0.3)
-    sampled = ArcFace(dim=8, num_classes=10, scale=10.0, margin=0.3, sample_classes=10)
+def whole_and_sampled(classes: int, sample: int, seed: int):
+    """Two ArcFace losses with the same centres, one with Partial FC, and a batch for them."""
+    torch.manual_seed(seed)
+    whole = ArcFace(dim=8, num_classes=classes, scale=10.0, margin=0.3)
+    sampled = ArcFace(dim=8, num_classes=classes, scale=10.0, margin=0.3, sample_classes=sample)
     sampled.load_state_dict(whole.state_dict())
-    emb, labels = torch.randn(16, 8), torch.randint(0, 10, (16,))
+    return whole, sampled, torch.randn(16, 8), torch.randint(0, classes, (16,))
+
+
+def test_partial_fc_with_every_class_is_the_whole_softmax():
+    whole, sampled, emb, labels = whole_and_sampled(classes=10, sample=10, seed=3)
     assert torch.equal(whole(emb, labels), sampled(emb, labels))
+
+
+def test_partial_fc_can_score_with_the_whole_softmax():
+    """A monitor's loss takes every class and leaves torch's generator alone."""
+    whole, sampled, emb, labels = whole_and_sampled(classes=40, sample=5, seed=4)
+    state = torch.get_rng_state()
+    assert torch.equal(sampled(emb, labels, sample=False), whole(emb, labels))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(sampled(emb, labels), whole(emb, labels))
 
 
 def test_partial_fc_still_learns():
@@ -275,16 +289,3 @@ def test_training_gives_the_same_bytes_whatever_the_process_thread_count():
     weights = [b"".join(t.numpy().tobytes() for t in r.head.state_dict().values()) for r in runs]
     assert weights[0] == weights[1]
     assert runs[0].history == runs[1].history
-
-
-def test_partial_fc_can_score_with_the_whole_softmax():
-    """A monitor's loss takes every class and leaves torch's generator alone."""
-    torch.manual_seed(4)
-    whole = ArcFace(dim=8, num_classes=40, scale=10.0, margin=0.3)
-    sampled = ArcFace(dim=8, num_classes=40, scale=10.0, margin=0.3, sample_classes=5)
-    sampled.load_state_dict(whole.state_dict())
-    emb, labels = torch.randn(16, 8), torch.randint(0, 40, (16,))
-    state = torch.get_rng_state()
-    assert torch.equal(sampled(emb, labels, sample=False), whole(emb, labels))
-    assert torch.equal(torch.get_rng_state(), state)
-    assert not torch.equal(sampled(emb, labels), whole(emb, labels))
