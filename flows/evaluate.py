@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows._cli import main
 from tasks.evaluate import (best_zero_shot, fit_pca, group_summary, score_line,
                             search_markdown)
-from tasks.features import load_concat, load_variant_split, read_manifest, split_groups
+from tasks.features import (load_concat, load_variant_split, read_manifest, split_groups,
+                            train_rows_for_fit)
 from tasks.gallery import gallery_keys, gallery_rows, pick_queries, render_gallery
 from tasks.params.base import NAMES
 from tasks.params.evaluate import EvaluateParams
@@ -41,13 +42,15 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
         for group, data in groups.items():
             results[group][name] = score_line(embed, data, params)
 
+    def pca(names: list[str]):
+        return fit_pca(train_rows_for_fit(names, params.pca_train_max, params.seed), dim)
+
     for v in variants:
-        train, query, index = (load_variant_split(v, s) for s in ("train", "query", "index"))
-        score(f"zero_shot_pca{dim}_{v}", fit_pca(train.embeddings, dim),
-              split_groups(query, index, meta))
-    train, query, index = (load_concat(variants, s) for s in ("train", "query", "index"))
+        query, index = (load_variant_split(v, s) for s in ("query", "index"))
+        score(f"zero_shot_pca{dim}_{v}", pca([v]), split_groups(query, index, meta))
+    query, index = (load_concat(variants, s) for s in ("query", "index"))
     groups = split_groups(query, index, meta)  # the concatenation's: its line, the head's
-    score(f"zero_shot_pca{dim}_concat", fit_pca(train.embeddings, dim), groups)
+    score(f"zero_shot_pca{dim}_concat", pca(variants), groups)
     head, head_variants = load_head(HEAD_DIR)
     if head_variants != variants:
         raise ValueError(f"head was trained on {head_variants}, features are {variants}; "

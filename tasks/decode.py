@@ -11,7 +11,9 @@ memory (torch's multiprocessing reductions).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Iterator, Sequence
@@ -24,10 +26,20 @@ from tasks.preprocess import Preprocess, decode_rgb
 _preprocess: Preprocess | None = None  # set in each worker process by _start
 
 
-def _start(preprocess: Preprocess) -> None:
+def _start(preprocess: Preprocess, parent: int) -> None:
     global _preprocess
     _preprocess = preprocess
     torch.set_num_threads(1)  # one core per process: the processes are the parallelism
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    """Exit once `parent` is gone. A parent killed by a signal (a device process that
+    `extract` terminates, an OOM kill) never shuts its pool down, and its workers would
+    wait for work forever; torch's DataLoader workers watch their parent the same way."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _decode(jpegs: list[bytes]) -> torch.Tensor:
@@ -44,7 +56,7 @@ class DecodePool:
         context = torch.multiprocessing.get_context("fork")
         self.workers = workers
         self._executor = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start, initargs=(preprocess,)
+            workers, mp_context=context, initializer=_start, initargs=(preprocess, os.getpid())
         )
 
     def batches(self, jpegs: Sequence[bytes], batch_size: int, pin: bool) -> Iterator[torch.Tensor]:

@@ -136,7 +136,10 @@ class ArcFace(nn.Module):
         classes that matrix, through acos and cos and their backward, was most of an
         epoch's time; the values are the same). With `classes`, the columns are those
         classes in their order (Partial FC)."""
-        cos = self.cosines(emb, classes)
+        return self._margin_logits(self.cosines(emb, classes), labels, classes)
+
+    def _margin_logits(self, cos: torch.Tensor, labels: torch.Tensor,
+                       classes: torch.Tensor | None) -> torch.Tensor:
         rows = (labels if classes is None else torch.searchsorted(classes, labels)).unsqueeze(1)
         true = cos.gather(1, rows)
         m = self.margins[labels].unsqueeze(1)
@@ -150,10 +153,20 @@ class ArcFace(nn.Module):
                 sample: bool = True) -> torch.Tensor:
         """The loss; `sample=False` takes the whole softmax even with Partial FC (a monitor's
         loss, which should neither vary nor draw from torch's generator)."""
+        return self.loss_and_predictions(emb, labels, sample)[0]
+
+    def loss_and_predictions(self, emb: torch.Tensor, labels: torch.Tensor,
+                             sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and each row's nearest class by cosine (no margin) from the same
+        cosines: `predict` over every class with the whole softmax; with Partial FC, over
+        the step's drawn classes only, so a step's cost stays off the class count."""
         classes = self.draw_classes(labels) if sample else None
         target = labels if classes is None else torch.searchsorted(classes, labels)
-        return F.cross_entropy(self.logits(emb, labels, classes), target,
+        cos = self.cosines(emb, classes)
+        loss = F.cross_entropy(self._margin_logits(cos, labels, classes), target,
                                label_smoothing=self.label_smoothing)
+        nearest = cos.detach().argmax(dim=-1)
+        return loss, nearest if classes is None else classes[nearest]
 
     @torch.no_grad()
     def predict(self, emb: torch.Tensor) -> torch.Tensor:

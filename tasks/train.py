@@ -13,7 +13,7 @@ import copy
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
-                            load_concat, load_or_map, read_manifest)
+                            load_concat, load_or_map, read_manifest, select)
 from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
                          embed_with_head)
 from tasks.metrics import mean_precision_at_k
@@ -154,6 +154,19 @@ def _validation_classes_score(head: nn.Module, validation: GroupData | None,
     return float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
 
 
+def _selection_sample(validation: GroupData | None, params: TrainParams) -> GroupData | None:
+    """The validation classes with at most `selection_queries` queries, a seeded sample fixed
+    for the whole run (epochs are compared on the same queries): each epoch's search then
+    grows with the index, not with its square. Every index image stays."""
+    if (validation is None or not params.selection_queries
+            or len(validation.query.keys) <= params.selection_queries):
+        return validation
+    pick = np.random.default_rng(params.seed).choice(
+        len(validation.query.keys), params.selection_queries, replace=False)
+    keep = np.isin(np.arange(len(validation.query.keys)), pick)
+    return replace(validation, query=select(validation.query, keep))
+
+
 def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, int] | None,
               ) -> ArcFace:
     """The ArcFace-family loss over `classes` (global ids, in training order).
@@ -236,6 +249,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
         keep = np.random.default_rng(params.seed).choice(
             np.flatnonzero(known), params.monitor_queries, replace=False)
         known = np.isin(np.arange(len(known)), keep)
+    validation = _selection_sample(validation, params)
     xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, dim)
     xv = xv.to(device)
     yv = torch.tensor([remap[int(c)] for c in val.class_ids[known]], dtype=torch.long).to(device)
@@ -272,12 +286,12 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
             labels = y[idx.to(device)]
             with autocast:
                 emb = head(rows(idx))
-                loss = arc(emb, labels)
+                loss, nearest = arc.loss_and_predictions(emb, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            hits = (arc.predict(emb.detach().float()) == labels).sum()
+            hits = (nearest == labels).sum()
             if device.type == "cuda":  # kept on the GPU, read once per epoch: no sync per step
                 losses.append(loss.detach().clone())
                 correct += hits

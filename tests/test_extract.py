@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import polars as pl
@@ -9,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import jpeg_bytes
+from conftest import REPO, jpeg_bytes
 from tasks.preprocess import decode_rgb
 from tasks.extract import Embedder, embed_shard, feature_metadata, resolve_device
 from tasks.schemas.shards import read_shard
@@ -141,3 +146,44 @@ def test_decoding_processes_outlive_a_shard_and_keep_order(shard_file, tiny_back
     assert [len(b) for b in got] == [4, 4, 3]
     expected = torch.cat([preprocess(decode_rgb(s.jpeg)[None]) for s in samples])
     assert torch.equal(torch.cat(got), expected)
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_decoding_processes_exit_when_their_process_is_killed(tmp_path, tiny_backbone):
+    """A device process that extract terminates (or the kernel kills) cannot shut its pool
+    down: the decoding processes must notice and exit rather than wait for work forever."""
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from conftest import jpeg_bytes
+        from tasks.backbone import load_backbone
+        from tasks.decode import decode_pool
+        _, preprocess, _ = load_backbone({str(tiny_backbone)!r})
+        pool = decode_pool(preprocess, 2)
+        list(pool.batches([jpeg_bytes(seed=i) for i in range(4)], batch_size=2, pin=False))
+        print(" ".join(str(p) for p in pool._executor._processes), flush=True)
+        time.sleep(600)
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env,
+                              text=True)
+    try:
+        workers = [int(p) for p in holder.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "decoding processes outlived their parent"

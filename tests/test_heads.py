@@ -119,6 +119,25 @@ def test_partial_fc_can_score_with_the_whole_softmax():
     assert not torch.equal(sampled(emb, labels), whole(emb, labels))
 
 
+def test_predictions_come_from_the_losses_own_cosines():
+    """The per-step accuracy needs no second pass over the classes: with the whole softmax the
+    predictions equal `predict`; with Partial FC they are the nearest drawn class, by a
+    brute-force argmax over the drawn columns; the loss is `forward`'s either way."""
+    whole, sampled, emb, labels = whole_and_sampled(classes=40, sample=6, seed=6)
+    loss, nearest = whole.loss_and_predictions(emb, labels)
+    assert torch.equal(loss, whole(emb, labels))
+    assert torch.equal(nearest, whole.predict(emb))
+    torch.manual_seed(9)
+    loss, nearest = sampled.loss_and_predictions(emb, labels)
+    torch.manual_seed(9)
+    assert torch.equal(loss, sampled(emb, labels))
+    torch.manual_seed(9)
+    drawn = sampled.draw_classes(labels)
+    cos = F.normalize(emb, dim=-1) @ F.normalize(sampled.weight.detach(), dim=-1).T
+    assert torch.equal(nearest, drawn[cos[:, drawn].argmax(dim=1)])
+    assert set(nearest.tolist()) <= set(drawn.tolist())
+
+
 def test_partial_fc_still_learns():
     """On clustered features, a head trained with a 6-of-30-class softmax per step ranks
     the validation classes about as well as one trained with the whole softmax."""
@@ -289,3 +308,23 @@ def test_training_gives_the_same_bytes_whatever_the_process_thread_count():
     weights = [b"".join(t.numpy().tobytes() for t in r.head.state_dict().values()) for r in runs]
     assert weights[0] == weights[1]
     assert runs[0].history == runs[1].history
+
+
+def test_selection_scores_a_fixed_sample_of_the_validation_queries():
+    """selection_queries bounds early stopping's per-epoch search: its curve is the one a run
+    given only those queries (a seeded sample, every index image kept) computes, and it
+    differs from the curve over every query."""
+    train = clusters(range(5), 8, 16, 0, noise=3.0)
+    val = clusters(range(5), 4, 16, 1, noise=3.0)
+    validation = unseen_classes(5, 6, 6, 16, 2, noise=2.0)
+    p = TrainParams(epochs=4, batch_size=8, lr=0.05, embedding_dim=8, early_stopping_patience=0,
+                    warmup_fraction=0.0, selection_queries=0)
+    curve = [h["validation_classes_mP@5"] for h in train_head(train, val, p, validation).history]
+    n = len(validation.query.keys)
+    sampled = train_head(train, val, p.model_copy(update={"selection_queries": 7}), validation)
+    keep = np.isin(np.arange(n), np.random.default_rng(0).choice(n, 7, replace=False))
+    alone = GroupData(select(validation.query, keep), validation.index, ["s"] * 7)
+    by_hand = train_head(train, val, p, alone)
+    assert ([h["validation_classes_mP@5"] for h in sampled.history]
+            == [h["validation_classes_mP@5"] for h in by_hand.history])
+    assert [h["validation_classes_mP@5"] for h in sampled.history] != curve

@@ -73,6 +73,22 @@ def test_loaded_and_streamed_rows_equal_the_numpy_recipe(features):
         mapped.rows(np.array([len(data.keys)]))
 
 
+def test_the_pca_fit_reads_every_train_row_or_a_seeded_sample(features):
+    """evaluate.pca_train_max: up to it, the rows the PCA was always fitted on (one
+    backbone's as stored, several normalised and concatenated); beyond it, a seeded
+    sample of rows, in file order, with the numpy recipe's values."""
+    from tasks.features import train_rows_for_fit
+
+    root, data, raw = features
+    expected = reference(raw)
+    assert np.array_equal(train_rows_for_fit(["a"], 20, 0, root), raw["a"].astype(np.float32))
+    assert train_rows_for_fit(list(DIMS), 20, 0, root).tobytes() == expected.tobytes()
+    sample = train_rows_for_fit(list(DIMS), 6, 3, root)
+    picked = np.sort(np.random.default_rng(3).choice(20, 6, replace=False))
+    assert sample.tobytes() == expected[picked].tobytes()
+    assert train_rows_for_fit(list(DIMS), 6, 4, root).tobytes() != sample.tobytes()
+
+
 def test_backbones_that_disagree_on_keys_are_refused(features):
     root, data, _ = features
     (root / "b" / "train" / "train-000001.arrow").unlink()

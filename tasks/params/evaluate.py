@@ -12,6 +12,10 @@ class EvaluateParams(_Section):
     k: int = Field(5, ge=1)
     # PCA output size of the zero-shot baselines; GUIE caps embeddings at 64.
     pca_dim: int = Field(64, ge=2, le=64)
+    # Train images the PCA is fitted on: all up to this many, else a seeded sample read
+    # from the memory-mapped features, so the fit's memory stays bounded (the 2xclip
+    # preset's whole train split, ~570,000 x 1,536 floats, would be 3.5 GB a copy).
+    pca_train_max: int = Field(100_000, ge=2)
     # Bootstrap intervals over query classes: resamples, level, and the seed that
     # makes them the same on every rerun.
     bootstrap_resamples: int = Field(2000, ge=100)

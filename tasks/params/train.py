@@ -40,12 +40,18 @@ class TrainParams(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     # Partial FC: the ArcFace softmax of each step over this many classes (the batch's own and
     # random others) instead of all; 0 = all. A step's cost then stops growing with the
-    # number of classes (benchmarks/scale.py, README "Scale").
+    # number of classes (benchmarks/scale.py, README "Scale"). train_acc in the history is
+    # then each step's accuracy among the classes it drew (val_acc stays over all classes).
     class_sample: int = Field(0, ge=0)
     # Val-split queries the per-epoch monitor (val_acc, val_loss, val_mP@5 against the whole
     # train split) scores: 0 = all; else a seeded sample of that many, so its search grows
     # with the train split, not with its square. Early stopping never reads the monitor.
-    monitor_queries: int = Field(0, ge=0)
+    monitor_queries: int = Field(2000, ge=0)
+    # Validation-classes queries early stopping scores each epoch against all their index
+    # images: 0 = all; else a seeded sample of that many, the same every epoch, so the
+    # search grows with the index, not with its square (benchmarks/scale.py). The embedded
+    # default has far fewer: it scores them all.
+    selection_queries: int = Field(5000, ge=0)
     # Stop when the validation classes' mP@5 has not improved for this many epochs
     # (0: never) and keep the best epoch.
     early_stopping_patience: int = Field(0, ge=0)
