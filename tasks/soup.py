@@ -1,24 +1,20 @@
 """Model soups: weight averages of fine-tuned runs of one backbone (Wortsman et al., 2022).
 
-Each run is a variant folder in the layout tasks/models.py writes (`open_clip_config.json`,
-`open_clip_model.safetensors`, `model.json`); a soup is written in that layout too, so
-extract, export and `local-dir:` load it like any other backbone. A run is checked before
-any of its values is used: the same config, keys, shapes and dtypes as the others, finite
-floats, a model.json whose checkpoint hash is its weights', no run given twice.
-
-The mean is taken in float64 over each element's values sorted by value, then cast back to
-the runs' dtype: sorting fixes the order of the additions, so the soup is the same bytes in
-whatever order the runs are listed, and float64 keeps the sum's rounding far below the
-dtype's. Integer (and bool) tensors are not averaged: they must be equal in every run, but
-BatchNorm's `num_batches_tracked` counters, which only count training steps (read only by a
-BatchNorm with momentum=None, in training), take the largest run's count.
+Runs and soups are variant folders in the layout tasks/models.py writes, so extract, export
+and `local-dir:` load a soup like any backbone. A run is checked before any value is used:
+the first run's config, keys, shapes and dtypes, finite floats, a model.json whose hash is its
+weights', no run given twice. The mean is taken in float64 over each element's values sorted
+by value, then cast back to the runs' dtype: the sorted order fixes the additions, so the soup
+is the same bytes in any run order, and float64 keeps their rounding far below the dtype's.
+Tensors that are not real floats (integers, bools) must be equal in every run, but BatchNorm's
+`num_batches_tracked` step counters (read only in training, by momentum=None) take the max.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,8 +32,6 @@ from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.schemas.io import atomic_path, scratch_dir, sha256_file, write_bytes, write_json
 from tasks.schemas.shards import Sample, read_split
-
-log = logging.getLogger(__name__)
 
 COUNTER_SUFFIX = "num_batches_tracked"  # BatchNorm's step counters: the max, not the mean
 CHUNK = 1 << 22  # elements averaged at a time: the float64 scratch is runs x 32 MiB at most
@@ -69,27 +63,24 @@ def check_runs(run_dirs: Sequence[Path | str]) -> list[Run]:
         if missing := [f.name for f in files if not f.is_file()]:
             raise SoupError(f"run {d}: not a variant folder, {missing} missing")
         config, info = (_json_object(d, f) for f in (files[0], files[2]))
+        if lacks := [k for k in ("checkpoint_sha256", *INFO_KEYS) if k not in info]:
+            raise SoupError(f"run {d}: model.json lacks {lacks}")
         digest = sha256_file(files[1])
         if info.get("checkpoint_sha256") != digest:
             raise SoupError(f"run {d}: model.json says checkpoint_sha256 "
-                            f"{info.get('checkpoint_sha256')!r} but the weights' sha256 is "
+                            f"{info['checkpoint_sha256']!r} but the weights' sha256 is "
                             f"{digest}: the folder was changed after it was written")
         for other in runs:
             if other.path.resolve() == d.resolve() or other.sha256 == digest:
                 raise SoupError(f"run {d}: the same weights as run {other.path}; a run given "
                                 "twice would count twice in the mean")
         runs.append(Run(d, config, info, digest))
-    first = runs[0]
     for run in runs[1:]:
-        if run.config != first.config:
-            keys = sorted(k for k in first.config.keys() | run.config.keys()
-                          if first.config.get(k) != run.config.get(k))
-            raise SoupError(f"run {run.path}: its {CONFIG_NAME} differs from run {first.path}'s "
-                            f"(in {keys}); only runs of one architecture can be averaged")
-        for key in INFO_KEYS:
-            if run.info.get(key) != first.info.get(key):
-                raise SoupError(f"run {run.path}: model.json {key} = {run.info.get(key)!r}, "
-                                f"run {first.path} has {first.info.get(key)!r}")
+        for name, mine, theirs in [(CONFIG_NAME, run.config, runs[0].config), *(
+                (f"model.json {k}", run.info[k], runs[0].info[k]) for k in INFO_KEYS)]:
+            if mine != theirs:
+                raise SoupError(f"run {run.path}: its {name} differs from run {runs[0].path}'s;"
+                                " only runs of one architecture can be averaged")
     _check_headers(runs)
     return runs
 
@@ -97,8 +88,8 @@ def check_runs(run_dirs: Sequence[Path | str]) -> list[Run]:
 def _json_object(run: Path, path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SoupError(f"run {run}: {path.name} is not JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        value = None
     if not isinstance(value, dict):
         raise SoupError(f"run {run}: {path.name} is not a JSON object")
     return value
@@ -125,12 +116,9 @@ def _check_headers(runs: list[Run]) -> None:
             raise SoupError(f"run {run.path}: extra key {extra[0]!r} ({len(extra)} keys that "
                             f"run {runs[0].path} lacks)")
         for key, (shape, dtype) in first.items():
-            if mine[key][0] != shape:
-                raise SoupError(f"run {run.path}: key {key!r} has shape {mine[key][0]}, run "
-                                f"{runs[0].path} has {shape}")
-            if mine[key][1] != dtype:
-                raise SoupError(f"run {run.path}: key {key!r} has dtype {mine[key][1]}, run "
-                                f"{runs[0].path} has {dtype}")
+            if mine[key] != (shape, dtype):
+                raise SoupError(f"run {run.path}: key {key!r} has shape {mine[key][0]} and "
+                                f"dtype {mine[key][1]}, run {runs[0].path} {shape} and {dtype}")
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -139,24 +127,19 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(flat[0].numel(), dtype=tensors[0].dtype)
     for a in range(0, out.numel(), CHUNK):
         block = torch.stack([f[a:a + CHUNK].double() for f in flat]).sort(dim=0).values
-        total = block[0].clone()
-        for row in block[1:]:  # one addition at a time, in the sorted order
-            total += row
-        out[a:a + CHUNK] = (total / len(flat)).to(out.dtype)
+        out[a:a + CHUNK] = (block.sum(dim=0) / len(flat)).to(out.dtype)
     return out.reshape(tensors[0].shape)
 
 
 def average_runs(runs: list[Run]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The soup's state dict (one tensor in memory per run at a time, besides the soup) and
     the counters that differed across runs (name -> the count taken)."""
-    handles = [safe_open(r.path / WEIGHTS_NAME, framework="pt") for r in runs]
-    files = [h.__enter__() for h in handles]
-    try:
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(r.path / WEIGHTS_NAME, framework="pt"))
+                 for r in runs]
         state, counters = {}, {}
         for key in sorted(files[0].keys()):
             tensors = [f.get_tensor(key) for f in files]
-            if tensors[0].is_complex():
-                raise SoupError(f"run {runs[0].path}: key {key!r} is complex; not averaged")
             if tensors[0].is_floating_point():
                 for run, t in zip(runs, tensors):
                     if not torch.isfinite(t).all():
@@ -170,12 +153,9 @@ def average_runs(runs: list[Run]) -> tuple[dict[str, torch.Tensor], dict[str, in
                 counters[key] = int(state[key])
             else:
                 run = next(r for r, t in zip(runs, tensors) if not torch.equal(tensors[0], t))
-                raise SoupError(f"run {run.path}: integer tensor {key!r} differs from run "
-                                f"{runs[0].path}'s; integer tensors are not averaged")
+                raise SoupError(f"run {run.path}: non-float tensor {key!r} differs from run "
+                                f"{runs[0].path}'s; only float tensors are averaged")
         return state, counters
-    finally:
-        for h in handles:
-            h.__exit__(None, None, None)
 
 
 def write_soup(runs: list[Run], out_dir: Path | str, kind: str, extra: dict | None = None,
@@ -193,13 +173,12 @@ def write_soup(runs: list[Run], out_dir: Path | str, kind: str, extra: dict | No
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"format": "pt"})
     write_bytes(out_dir / CONFIG_NAME, (runs[0].path / CONFIG_NAME).read_bytes())
-    info = {**{k: runs[0].info[k] for k in INFO_KEYS if k in runs[0].info},
+    info = {**{k: runs[0].info[k] for k in INFO_KEYS},
             "pretrained": f"soup:{kind}:{len(runs)}", "checkpoint_sha256":
             sha256_file(out_dir / WEIGHTS_NAME),
             "soup": {"kind": kind, "runs": [{"path": str(r.path), "checkpoint_sha256": r.sha256,
                                              "pretrained": r.info.get("pretrained")}
                                             for r in runs],
-                     "mean": "float64 over values sorted by value, cast to the runs' dtype",
                      "integer_tensors": f"equal in every run; *.{COUNTER_SUFFIX}: the max",
                      "counters_that_differed": len(counters), **(extra or {})}}
     write_json(out_dir / "model.json", info)
@@ -218,16 +197,22 @@ def greedy_soup(run_dirs: Sequence[Path | str], score: Callable[[Path], float],
                 out_dir: Path | str) -> dict:
     """Wortsman et al.'s greedy soup: runs ranked by their own score (best first; a tie keeps
     the listed order), the soup starts as the best run and takes each next run only if the
-    soup's score strictly rises. `score` takes a variant folder: what it scores is loaded
-    as extract will load the soup, and it may run anywhere the folder can be read.
-
-    Every run is checked, and every tensor averaged once, before anything is scored. Returns
-    the soup's model.json, whose `soup.greedy` records every score tried and the runs kept.
+    soup's score strictly rises. `score` takes a variant folder: it scores what extract will
+    load, anywhere the folder can be read. Every run is checked, and every tensor averaged
+    once, before anything is scored. Returns the soup's model.json, whose `soup.greedy`
+    records every score tried and the runs kept.
     """
     runs = check_runs(run_dirs)
     average_runs(runs)  # every value checked before minutes of scoring
     out_dir = Path(out_dir)
-    own = [_finite(score(r.path), r.path) for r in runs]
+
+    def scored(folder: Path) -> float:
+        value = float(score(folder))
+        if not math.isfinite(value):
+            raise SoupError(f"score of {folder} is {value}: a soup cannot be chosen on it")
+        return value
+
+    own = [scored(r.path) for r in runs]
     order = sorted(range(len(runs)), key=lambda i: -own[i])
     chosen, best = [order[0]], own[order[0]]
     tries = [{"runs": [str(runs[order[0]].path)], "score": best, "added": True}]
@@ -235,11 +220,9 @@ def greedy_soup(run_dirs: Sequence[Path | str], score: Callable[[Path], float],
         candidate = [runs[j] for j in chosen + [i]]
         with scratch_dir(out_dir.parent, f".{out_dir.name}.try-") as folder:
             write_soup(candidate, folder / "soup", "greedy-candidate")
-            value = _finite(score(folder / "soup"), folder)
+            value = scored(folder / "soup")
         tries.append({"runs": [str(r.path) for r in candidate], "score": value,
                       "added": value > best})
-        log.info("greedy soup: %d runs -> %.6f (%s)", len(candidate), value,
-                 "kept" if value > best else f"not above {best:.6f}, dropped")
         if value > best:
             chosen, best = chosen + [i], value
     record = {"individual": {str(r.path): s for r, s in zip(runs, own)}, "tries": tries,
@@ -247,28 +230,24 @@ def greedy_soup(run_dirs: Sequence[Path | str], score: Callable[[Path], float],
     return write_soup([runs[i] for i in chosen], out_dir, "greedy", {"greedy": record})
 
 
-def _finite(value: float, where: Path) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise SoupError(f"score of {where} is {value}: a soup cannot be chosen on it")
-    return value
-
-
 def embed_samples(model_dir: Path | str, splits: list[list[Sample]], extract: ExtractParams,
                   ) -> list[np.ndarray]:
-    """Each list of samples embedded by the variant, with extraction's own loader, decoding
-    and Embedder (padded batches, `extract.cpu_threads` threads on the CPU), so an image gets
+    """Each list of samples embedded by the variant with extraction's own loader, decoding
+    and Embedder (padded batches, `extract.cpu_threads` threads on the CPU): an image gets
     the bytes `extract` would write for it. One model load for all the lists."""
     device = resolve_device(extract.device)
     model, preprocess, info = load_backbone(model_dir, device="cpu")
     embedder = Embedder(model, device, extract.precision, batch_size=extract.batch_size,
                         cpu_threads=extract.cpu_threads)
-    out = []
-    for samples in splits:
-        parts = [embedder(b) for b in batches(samples, preprocess, extract, device)]
-        out.append(np.concatenate(parts) if parts else np.zeros((0, int(info["dim"])),
-                                                                np.float32))
-    return out
+    empty = np.zeros((0, int(info["dim"])), np.float32)
+    return [np.concatenate([empty] + [embedder(b) for b in
+                                      batches(samples, preprocess, extract, device)])
+            for samples in splits]
+
+
+def _features(samples: list[Sample], embeddings: np.ndarray) -> SplitFeatures:
+    return SplitFeatures([s.key for s in samples],
+                         np.array([s.class_id for s in samples], np.int64), embeddings)
 
 
 def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams,
@@ -276,12 +255,12 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
                       ) -> Callable[[Path], float]:
     """A `score` for greedy_soup: a variant folder -> its mP@k on the validation classes.
 
-    Scored as the evaluate stage scores its zero-shot line of one backbone (`score_line` on
-    a PCA to `evaluate.pca_dim` fitted on the train split's embeddings), on the validation
-    classes' queries against their index only: the test classes' images are never read
-    past their key. The shards are read once, here; each call embeds the images anew.
-    `fit_images` caps the train images the PCA is fitted on (a seeded sample; None: all,
-    as evaluate fits it). Returns the unrounded mean of the per-query scores.
+    Scored as the evaluate stage scores a backbone's zero-shot line (`score_line` on a PCA
+    to `evaluate.pca_dim` fitted on the train split's embeddings), on the validation
+    classes' queries against their index only: a test class's image is never decoded. The
+    shards are read once, here; each call embeds the images with its variant. `fit_images`
+    caps the train images the PCA is fitted on (a seeded sample; None: all, as evaluate
+    fits it). Returns the unrounded mean of the per-query scores.
     """
     meta = read_manifest(manifest)
     held = {}
@@ -289,23 +268,22 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
         samples = list(read_split(shards_dir, split))
         groups = meta.column([s.key for s in samples], "group").to_list()
         held[split] = [s for s, g in zip(samples, groups) if g == "validation"]
+    empty = np.zeros((0, 0), np.float32)
+    require_images(GroupData(_features(held["query"], empty), _features(held["index"], empty),
+                             []), "validation")
     train = list(read_split(shards_dir, "train"))
     if fit_images is not None and len(train) > fit_images:
         rng = np.random.default_rng(evaluate.seed)
         train = [train[i] for i in np.sort(rng.choice(len(train), fit_images, replace=False))]
     sources = meta.column([s.key for s in held["query"]], "source").to_list()
 
-    def features(samples: list[Sample], emb: np.ndarray) -> SplitFeatures:
-        return SplitFeatures([s.key for s in samples],
-                             np.array([s.class_id for s in samples], np.int64), emb)
-
     def score(variant_dir: Path) -> float:
         fit, query, index = embed_samples(variant_dir, [train, held["query"], held["index"]],
                                           extract)
-        data = require_images(GroupData(features(held["query"], query),
-                                        features(held["index"], index), sources), "validation")
-        line = score_line(fit_pca(fit, evaluate.pca_dim), data, evaluate)
-        return float(np.nanmean(line["per_query"]))
+        data = GroupData(_features(held["query"], query), _features(held["index"], index),
+                         sources)
+        return float(np.nanmean(score_line(fit_pca(fit, evaluate.pca_dim), data,
+                                           evaluate)["per_query"]))
 
     return score
 
@@ -315,5 +293,4 @@ def validation_score(variant_dir: Path | str, shards_dir: Path, manifest: Path,
                      fit_images: int | None = None) -> float:
     """mP@k of one variant on the validation classes (never the test classes), as the
     evaluate stage scores a backbone's zero-shot line; see validation_scorer."""
-    return validation_scorer(shards_dir, manifest, evaluate, extract, fit_images)(
-        Path(variant_dir))
+    return validation_scorer(shards_dir, manifest, evaluate, extract, fit_images)(Path(variant_dir))

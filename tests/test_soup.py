@@ -182,12 +182,13 @@ def _bad(tmp_path: Path, change) -> list[Path]:
     (lambda s, c: s.pop("w"), r"run .*bad: key 'w' missing"),
     (lambda s, c: s.update(extra=torch.zeros(1)), r"run .*bad: extra key 'extra'"),
     (lambda s, c: s.update(w=torch.zeros(3, 5)), r"run .*bad: key 'w' has shape \[3, 5\]"),
-    (lambda s, c: s.update(w=s["w"].double()), r"run .*bad: key 'w' has dtype F64"),
+    (lambda s, c: s.update(w=s["w"].double()),
+     r"run .*bad: key 'w' has shape \[5, 3\] and dtype F64"),
     (lambda s, c: c.update(model_cfg={"embed_dim": 4}), r"run .*bad: its open_clip_config"),
     (lambda s, c: s["w"].__setitem__((0, 0), float("nan")), r"run .*bad: key 'w' has non-fin"),
     (lambda s, c: s["h"].__setitem__(2, float("inf")), r"run .*bad: key 'h' has non-finite"),
     (lambda s, c: s.update(position_ids=torch.arange(1, 5)),
-     r"run .*bad: integer tensor 'position_ids' differs"),
+     r"run .*bad: non-float tensor 'position_ids' differs"),
 ])
 def test_a_bad_run_is_refused_naming_run_and_key(tmp_path, change, message):
     runs = _bad(tmp_path, change)
