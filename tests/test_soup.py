@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -17,15 +20,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG
+from conftest import REPO, TINY_CONFIG
+from flows.soup import SOUPS_DIR, soup
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
 from tasks.extract import Embedder, embed_shard, feature_metadata
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.params.shard import ShardParams
+from tasks.params.soup import SoupSpec
 from tasks.schemas.features import embeddings_of, read_features
 from tasks.schemas.io import sha256_file, write_json, write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.paths import MANIFEST, SHARDS_DIR
 from tasks.shard import plan_shards, write_shards
 from tasks.soup import SoupError, greedy_soup, uniform_soup, validation_score
 
@@ -228,9 +234,10 @@ def class_jpeg(class_id: int, i: int) -> bytes:
     return buf.getvalue()
 
 
-def build_shards(root: Path, validation: range) -> tuple[Path, Path]:
-    """Raw images, manifest and shards: classes 0-3 train (24 images), the classes in
-    `validation` and the rest of 4-9 test, with 2 queries and 3 index images each."""
+def build_shards(root: Path, validation: range, shards: Path = Path("shards"),
+                 manifest: Path = Path("manifest.parquet")) -> tuple[Path, Path]:
+    """Raw images, manifest and shards under `root`: classes 0-3 train (24 images), the
+    classes in `validation` and the rest of 4-9 test, with 2 queries and 3 index images each."""
     rows = []
     for c in range(10):
         group = "train" if c < 4 else "validation" if c in validation else "test"
@@ -244,11 +251,11 @@ def build_shards(root: Path, validation: range) -> tuple[Path, Path]:
                          "class_id": c, "path": path, "split": split, "group": group,
                          "class_images": len(splits)})
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    write_table(root / "manifest.parquet", table, MANIFEST_SCHEMA)
-    index, _ = write_shards(plan_shards(table, 7), root / "raw", root / "shards",
+    write_table(root / manifest, table, MANIFEST_SCHEMA)
+    index, _ = write_shards(plan_shards(table, 7), root / "raw", root / shards,
                             ShardParams(processes=1))
-    write_json(root / "shards" / "index.json", index)
-    return root / "shards", root / "manifest.parquet"
+    write_json(root / shards / "index.json", index)
+    return root / shards, root / manifest
 
 
 EXTRACT = ExtractParams(device="cpu", batch_size=8, cpu_threads=1, num_workers=0, cache_dir="")
@@ -299,3 +306,34 @@ def test_validation_score_never_reads_test_classes(tmp_path, tiny_backbone):
     shards, manifest = build_shards(tmp_path, validation=range(0))  # 4-9 are all test classes
     with pytest.raises(ValueError, match="no validation classes"):
         validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT)
+
+
+# ---------------------------------------------------------------- the flow
+
+def test_soup_flow_writes_uniform_and_greedy_soups(in_tmp, tiny_runs):
+    build_shards(in_tmp, validation=range(4, 8), shards=SHARDS_DIR, manifest=MANIFEST)
+    uniform = soup("vit_uniform", SoupSpec(kind="uniform", runs=tiny_runs[:2]), EVALUATE,
+                   EXTRACT)
+    assert uniform["soup"]["kind"] == "uniform" and len(uniform["soup"]["runs"]) == 2
+    assert sha256_file(SOUPS_DIR / "vit_uniform" / WEIGHTS_NAME) == uniform["checkpoint_sha256"]
+
+    greedy = soup("vit_greedy", SoupSpec(kind="greedy", runs=tiny_runs), EVALUATE, EXTRACT)
+    record = greedy["soup"]["greedy"]
+    assert len(record["tries"]) == len(tiny_runs)
+    for run in tiny_runs:  # each run's own score is its validation score
+        assert record["individual"][str(run)] == validation_score(run, SHARDS_DIR, MANIFEST,
+                                                                  EVALUATE, EXTRACT)
+    # the soup written scores what its last kept try scored
+    assert validation_score(SOUPS_DIR / "vit_greedy", SHARDS_DIR, MANIFEST, EVALUATE,
+                            EXTRACT) == record["score"]
+    assert [r["path"] for r in greedy["soup"]["runs"]] == record["chosen"]
+
+
+def test_soup_cli_refuses_an_unknown_soup_before_any_work(in_tmp):
+    (in_tmp / "params.yaml").write_text("soup:\n  lite0_soup: {kind: uniform, runs: [a, b]}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "flows.soup", "nope"], cwd=in_tmp, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "stage key 'nope': allowed are ['lite0_soup']" in done.stderr
+    assert not (in_tmp / "data").exists()
