@@ -33,7 +33,9 @@ from tasks.schemas.io import sha256_file, write_json, write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
 from tasks.shard import plan_shards, write_shards
-from tasks.soup import SoupError, greedy_soup, uniform_soup, validation_score
+from tasks.schemas.shards import read_split
+from tasks.soup import (SoupError, embed_samples, greedy_soup, uniform_soup,
+                        validation_score)
 
 CONFIG = {"model_cfg": {"embed_dim": 3}, "preprocess_cfg": {"size": 8}}
 
@@ -288,6 +290,9 @@ def test_validation_score_is_mp5_of_the_extracted_validation_features(tmp_path, 
     for split, parts in feats.items():
         ids[split] = np.concatenate([p[0] for p in parts])
         emb[split] = np.concatenate([p[1] for p in parts]).astype(np.float64)
+    # the scorer embeds an image into the very bytes extract writes for it
+    train, = embed_samples(tiny_backbone, [list(read_split(shards, "train"))], EXTRACT)
+    assert np.array_equal(train, emb["train"])
 
     def normed(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
