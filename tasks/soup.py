@@ -293,4 +293,5 @@ def validation_score(variant_dir: Path | str, shards_dir: Path, manifest: Path,
                      fit_images: int | None = None) -> float:
     """mP@k of one variant on the validation classes (never the test classes), as the
     evaluate stage scores a backbone's zero-shot line; see validation_scorer."""
-    return validation_scorer(shards_dir, manifest, evaluate, extract, fit_images)(Path(variant_dir))
+    scorer = validation_scorer(shards_dir, manifest, evaluate, extract, fit_images)
+    return scorer(Path(variant_dir))

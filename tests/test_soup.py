@@ -32,8 +32,8 @@ from tasks.schemas.features import embeddings_of, read_features
 from tasks.schemas.io import sha256_file, write_json, write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
-from tasks.shard import plan_shards, write_shards
 from tasks.schemas.shards import read_split
+from tasks.shard import plan_shards, write_shards
 from tasks.soup import (SoupError, embed_samples, greedy_soup, uniform_soup,
                         validation_score)
 
@@ -65,8 +65,9 @@ def test_uniform_soup_is_the_mean_of_the_runs_in_any_order(tmp_path):
     info = uniform_soup(runs, tmp_path / "soup")
     soup = load_file(str(tmp_path / "soup" / WEIGHTS_NAME))
     for key in ("w", "h", "bn.running_mean"):
-        expected = torch.stack([st[key].double() for st in states]).mean(0).to(states[0][key].dtype)
-        assert soup[key].dtype == states[0][key].dtype
+        dtype = states[0][key].dtype
+        expected = torch.stack([st[key].double() for st in states]).mean(0).to(dtype)
+        assert soup[key].dtype == dtype
         torch.testing.assert_close(soup[key], expected, rtol=0, atol=0)
     assert int(soup["bn.num_batches_tracked"]) == 102  # the counters' max
     assert torch.equal(soup["position_ids"], torch.arange(4))
