@@ -24,10 +24,11 @@ from conftest import REPO, TINY_CONFIG
 from flows.soup import SOUPS_DIR, soup
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
 from tasks.extract import Embedder, embed_shard, feature_metadata
+from tasks.params.base import ParamsError, load_sections
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.params.shard import ShardParams
-from tasks.params.soup import SoupSpec
+from tasks.params.soup import SoupParams, SoupSpec
 from tasks.schemas.features import embeddings_of, read_features
 from tasks.schemas.io import sha256_file, write_json, write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
@@ -224,6 +225,12 @@ def test_a_changed_folder_a_repeated_run_or_a_lone_run_is_refused(tmp_path):
     write_json(b / "model.json", {**info, "checkpoint_sha256": sha256_file(b / WEIGHTS_NAME)})
     with pytest.raises(SoupError, match="not a valid safetensors file"):
         uniform_soup([a, b], tmp_path / "soup")
+    write_json(b / "model.json", {"checkpoint_sha256": sha256_file(b / WEIGHTS_NAME)})
+    with pytest.raises(SoupError, match=r"run .*b: model.json lacks \['model_name', 'image_s"):
+        uniform_soup([a, b], tmp_path / "soup")
+    (b / CONFIG_NAME).write_text("[1, 2]")
+    with pytest.raises(SoupError, match=r"run .*b: open_clip_config.json is not a JSON object"):
+        uniform_soup([a, b], tmp_path / "soup")
 
 
 # ---------------------------------------------------------------- validation score
@@ -314,7 +321,39 @@ def test_validation_score_never_reads_test_classes(tmp_path, tiny_backbone):
         validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT)
 
 
+def test_validation_score_fits_its_pca_on_at_most_fit_images(tmp_path, tiny_backbone):
+    shards, manifest = build_shards(tmp_path, validation=range(4, 8))
+    with pytest.raises(ValueError, match="PCA to 16 needs >= 16 train images, got 15"):
+        validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT, fit_images=15)
+    assert 0 < validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT,
+                                fit_images=20) <= 1
+
+
 # ---------------------------------------------------------------- the flow
+
+def test_soup_params_refuse_bad_values_naming_the_key(in_tmp):
+    (in_tmp / "params.yaml").write_text(
+        "soup:\n"
+        "  ok_soup: {kind: greedy, runs: [a, b, c], pca_fit_images: 1000}\n"
+        "  one: {kind: uniform, runs: [a]}\n"
+        "  twice: {kind: greedy, runs: [a, a]}\n"
+        "  typo: {kind: mean, runs: [a, b]}\n"
+        "  extra: {kind: uniform, runs: [a, b], weights: [1, 2]}\n"
+        "  bad/name: {kind: uniform, runs: [a, b]}\n")
+    with pytest.raises(ParamsError) as err:
+        load_sections({"soup": SoupParams})
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        "  soup.one = {'kind': 'uniform', 'runs': ['a']}: a uniform soup needs at least two runs",
+        "  soup.twice = {'kind': 'greedy', 'runs': ['a', 'a']}: runs ['a', 'a']: a run listed "
+        "twice would count twice",
+        "  soup.typo.kind = 'mean': allowed are 'uniform' or 'greedy'",
+        "  soup.extra.weights = [1, 2]: unknown key (a typo?)",
+        "  soup.bad/name.[key] = 'bad/name': String should match pattern '^[A-Za-z0-9_]+$'"]
+    (in_tmp / "params.yaml").write_text("soup:\n  ok: {kind: greedy, runs: [a, b, c]}\n")
+    assert load_sections({"soup": SoupParams}).soup["ok"].runs == [Path("a"), Path("b"),
+                                                                    Path("c")]
+
 
 def test_soup_flow_writes_uniform_and_greedy_soups(in_tmp, tiny_runs):
     build_shards(in_tmp, validation=range(4, 8), shards=SHARDS_DIR, manifest=MANIFEST)
