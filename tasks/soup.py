@@ -31,7 +31,7 @@ from tasks.features import GroupData, SplitFeatures, read_manifest, require_imag
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.schemas.io import atomic_path, scratch_dir, sha256_file, write_bytes, write_json
-from tasks.schemas.shards import Sample, read_split
+from tasks.schemas.shards import Sample, read_index, read_split, shards_of_split
 
 COUNTER_SUFFIX = "num_batches_tracked"  # BatchNorm's step counters: the max, not the mean
 CHUNK = 1 << 22  # elements averaged at a time: the float64 scratch is runs x 32 MiB at most
@@ -132,8 +132,8 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def average_runs(runs: list[Run]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The soup's state dict (one tensor in memory per run at a time, besides the soup) and
-    the counters that differed across runs (name -> the count taken)."""
+    """The soup's state dict, read one tensor of each run at a time, and the counters that
+    differed across runs (name -> the count taken)."""
     with ExitStack() as stack:
         files = [stack.enter_context(safe_open(r.path / WEIGHTS_NAME, framework="pt"))
                  for r in runs]
@@ -198,10 +198,8 @@ def greedy_soup(run_dirs: Sequence[Path | str], score: Callable[[Path], float],
     """Wortsman et al.'s greedy soup: runs ranked by their own score (best first; a tie keeps
     the listed order), the soup starts as the best run and takes each next run only if the
     soup's score strictly rises. `score` takes a variant folder: it scores what extract will
-    load, anywhere the folder can be read. Every run is checked, and every tensor averaged
-    once, before anything is scored. Returns the soup's model.json, whose `soup.greedy`
-    records every score tried and the runs kept.
-    """
+    load, anywhere the folder can be read. Every run's tensors are checked before anything
+    is scored. Returns the soup's model.json; `soup.greedy` records every score tried."""
     runs = check_runs(run_dirs)
     average_runs(runs)  # every value checked before minutes of scoring
     out_dir = Path(out_dir)
@@ -271,10 +269,13 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
     empty = np.zeros((0, 0), np.float32)
     require_images(GroupData(_features(held["query"], empty), _features(held["index"], empty),
                              []), "validation")
-    train = list(read_split(shards_dir, "train"))
-    if fit_images is not None and len(train) > fit_images:
+    train = read_split(shards_dir, "train")  # streamed: only the images kept stay in memory
+    if fit_images is not None:
+        total = sum(e["nsamples"] for e in shards_of_split(read_index(shards_dir), "train"))
         rng = np.random.default_rng(evaluate.seed)
-        train = [train[i] for i in np.sort(rng.choice(len(train), fit_images, replace=False))]
+        keep = set(rng.choice(total, min(fit_images, total), replace=False).tolist())
+        train = (s for i, s in enumerate(train) if i in keep)
+    train = list(train)
     sources = meta.column([s.key for s in held["query"]], "source").to_list()
 
     def score(variant_dir: Path) -> float:
