@@ -1,0 +1,53 @@
+"""Stage `soup`: fine-tuned runs of one backbone -> data/00_soups/<name>/, their weight average
+(a model soup) in the models stage's layout, so extract and export load it as any backbone."""
+
+from __future__ import annotations
+
+import faiss
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows._cli import main
+from tasks.params.evaluate import EvaluateParams
+from tasks.params.extract import ExtractParams
+from tasks.params.soup import SoupParams, SoupSpec
+from tasks.schemas.paths import DATA, MANIFEST, SHARDS_DIR
+from tasks.soup import greedy_soup, uniform_soup, validation_scorer
+
+# Beside data/00_models: soups are backbones too. (To tasks/schemas/paths.py with the
+# stage's entry in dvc.yaml.)
+SOUPS_DIR = DATA / "00_soups"
+
+# DVC caches the soup folder: Prefect's own result caching stays off.
+make_uniform = task(uniform_soup, name="uniform-soup", cache_policy=NO_CACHE)
+make_greedy = task(greedy_soup, name="greedy-soup", cache_policy=NO_CACHE)
+
+
+@flow(name="soup")
+def soup(name: str, spec: SoupSpec, evaluate: EvaluateParams, extract: ExtractParams) -> dict:
+    """Average the runs into one variant folder; a greedy soup keeps a run only if the
+    validation classes' mP@5 rises (the test classes are never read)."""
+    log = get_run_logger()
+    out = SOUPS_DIR / name
+    if spec.kind == "uniform":
+        info = make_uniform(spec.runs, out)
+    else:
+        # Scored on the CPU (fp32, extract.cpu_threads threads; search on evaluate.threads):
+        # the same scores, and so the same runs kept, on every machine of one CPU family.
+        faiss.omp_set_num_threads(evaluate.threads)
+        score = validation_scorer(SHARDS_DIR, MANIFEST, evaluate,
+                                  extract.model_copy(update={"device": "cpu"}),
+                                  spec.pca_fit_images)
+        info = make_greedy(spec.runs, score, out)
+        record = info["soup"]["greedy"]
+        for t in record["tries"]:
+            log.info("soup[%s]: %d runs: validation mP@5 %.4f, %s", name, len(t["runs"]),
+                     t["score"], "kept" if t["added"] else "dropped")
+    log.info("soup[%s]: %s soup of %d runs -> %s (sha256 %s)", name, spec.kind,
+             len(info["soup"]["runs"]), out, info["checkpoint_sha256"][:12])
+    return info
+
+
+if __name__ == "__main__":
+    main(lambda p, key: soup(key, p.soup[key], p.evaluate, p.extract),
+         {"soup": SoupParams, "evaluate": EvaluateParams, "extract": ExtractParams}, keys="soup")
