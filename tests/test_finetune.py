@@ -342,3 +342,35 @@ def test_accumulated_batches_give_the_gradient_of_one_batch_of_them_all(world, t
     for a, b in zip(one, many):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
     assert max(a.abs().max().item() for a in one) > 0.1
+
+
+def test_the_flow_writes_a_variant_beside_the_others_and_checks_its_run(world, in_tmp,
+                                                                         monkeypatch):
+    """The stage's flow, under Prefect, from the project's own data/ layout."""
+    import shutil
+
+    from flows import finetune as stage
+    from tasks.params.base import ParamsError, load_sections
+    from tasks.params.finetune import FinetuneParams
+    from tasks.schemas.paths import MANIFEST, MODELS_DIR, SHARDS_DIR
+
+    shutil.copytree(world["vit"], MODELS_DIR / "vit")
+    shutil.copytree(world["shards"], SHARDS_DIR)
+    MANIFEST.parent.mkdir(parents=True)
+    shutil.copy(world["manifest"], MANIFEST)
+    (in_tmp / "params.yaml").write_text(
+        "models: {vit: {kind: checkpoint, arch: ViT-B-32, path: x.pt}}\n"
+        "finetune:\n  base: vit\n  epochs: 2\n  batch_size: 8\n  device: cpu\n"
+        "  runs: {vit_ft: {schedule: last_blocks}, vit_bad: {base: nope}}\n")
+    params = load_sections({"models": dict, "finetune": FinetuneParams})
+    summary = stage.finetune("vit_ft", params.finetune)
+    assert summary["schedule"] == "last_blocks" and len(summary["loss"]) == 2
+    model, _, info = load_backbone(MODELS_DIR / "vit_ft")
+    assert info["base_variant"] == "vit" and info["run"] == "vit_ft"
+    assert not any((in_tmp / ".cache" / "finetune").iterdir())  # checkpoints removed
+    monkeypatch.setattr(sys, "argv", ["flows.finetune", "vit_ft"])
+    with pytest.raises(ParamsError, match=r"runs.vit_bad.base = 'nope': allowed are \['vit'\]"):
+        stage.run(params, None)
+    monkeypatch.setattr(sys, "argv", ["flows.finetune", "other"])
+    with pytest.raises(ParamsError, match=r"finetune run 'other': allowed are"):
+        stage.run(params, None)
