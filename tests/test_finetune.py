@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -374,3 +375,52 @@ def test_the_flow_writes_a_variant_beside_the_others_and_checks_its_run(world, i
     monkeypatch.setattr(sys, "argv", ["flows.finetune", "other"])
     with pytest.raises(ParamsError, match=r"finetune run 'other': allowed are"):
         stage.run(params, None)
+
+
+def test_runs_are_the_shared_settings_with_their_changes_and_bad_values_name_their_key():
+    from tasks.params.base import ParamsError, validate
+    from tasks.params.finetune import FinetuneParams, check_runs
+
+    params = validate(FinetuneParams, {"base": "lite0", "lr_backbone": 1e-5, "runs": {
+        "a": {}, "b": {"seed": 1, "schedule": "layerwise"}}}, "params.yaml")
+    assert params.run("a") == FinetuneRun(base="lite0", lr_backbone=1e-5)
+    assert params.run("b") == FinetuneRun(base="lite0", lr_backbone=1e-5, seed=1,
+                                          schedule="layerwise")
+    check_runs(params, ["lite0", "lite2"])
+    with pytest.raises(ValueError, match="finetune.runs.a: the name of a models variant"):
+        check_runs(validate(FinetuneParams, {"runs": {"a": {}}}, "p"), ["lite0", "a"])
+    bad = {"runs.a.lr_head = -1: allowed is a value > 0.0": {"a": {"lr_head": -1}},
+           "runs.a.bogus = 1: unknown key": {"a": {"bogus": 1}},
+           "runs.a.device = 'gpu'": {"a": {"device": "gpu"}},
+           "runs.a: head_epochs = 1 leaves no epoch of the 1": {
+               "a": {"schedule": "head_then_backbone", "epochs": 1}},
+           "runs.a-b: use letters, digits and '_' only": {"a-b": {}}}
+    for message, runs in bad.items():
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            validate(FinetuneParams, {"runs": runs}, "params.yaml")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_cuda_autocast_with_accumulation_trains_and_resumes_to_the_same_bytes(
+        world, tmp_path, precision):
+    """On the GPU: autocast (+ GradScaler for fp16), two batches per step, and a run
+    stopped after an epoch resumes to the bytes of one never stopped (same GPU)."""
+    changes = {"schedule": "layerwise", "epochs": 3, "batch_size": 4, "accumulate": 2,
+               "device": "cuda", "precision": precision}
+    whole = tune(world, tmp_path / "a", tower="efficientnet", **changes)
+    assert all(math.isfinite(row["loss"]) for row in whole.history)
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tune(world, tmp_path / "b", tower="efficientnet", progress=stop, **changes)
+    tune(world, tmp_path / "b", tower="efficientnet", **changes)
+    for name in (WEIGHTS_NAME, "head.safetensors"):
+        assert ((tmp_path / "a" / "out" / name).read_bytes()
+                == (tmp_path / "b" / "out" / name).read_bytes()), name

@@ -23,10 +23,9 @@ finetune:
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from tasks.params.base import _describe, _Section
 
@@ -69,7 +68,7 @@ class FinetuneRun(_Section):
     arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
     seed: int = 0
     # auto: the GPU when torch sees one, else the CPU; cpu; cuda; cuda:N.
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Autocast dtype on CUDA (fp16 with a gradient scaler); the CPU always runs fp32.
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     # CPU threads: a float sum's order, and so the trained bytes, depend on it; fixed, a
@@ -79,13 +78,6 @@ class FinetuneRun(_Section):
     # in a folder per run keyed by its settings and inputs; deleted when the run finishes.
     cache_dir: str = ".cache/finetune"
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
-        return value
-
     @model_validator(mode="after")
     def _phases(self) -> "FinetuneRun":
         if self.schedule == "head_then_backbone" and self.head_epochs >= self.epochs:
@@ -94,10 +86,22 @@ class FinetuneRun(_Section):
         return self
 
 
+def _optional(field) -> tuple[object, None]:
+    """A run's change to one setting: the setting's type and bounds, or not given."""
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return Optional[kind], None
+
+
+# The changes one run makes: any FinetuneRun setting, with the same types and bounds, so a
+# bad value names its own key (finetune.runs.<run>.<key>); unknown keys are refused.
+RunChanges = create_model("RunChanges", __base__=_Section,
+                          **{name: _optional(f) for name, f in FinetuneRun.model_fields.items()})
+
+
 class FinetuneParams(FinetuneRun):
     """The shared settings and the named runs (each: changes to them)."""
 
-    runs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    runs: dict[str, RunChanges] = Field(default_factory=dict)  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _runs_valid(self) -> "FinetuneParams":
@@ -105,8 +109,6 @@ class FinetuneParams(FinetuneRun):
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"runs.{name}: use letters, digits and '_' only "
                                  "(it names the output variant's folder)")
-            if "runs" in self.runs[name]:
-                raise ValueError(f"runs.{name}: a run cannot hold runs")
             try:
                 self.run(name)
             except ValidationError as exc:
@@ -119,7 +121,8 @@ class FinetuneParams(FinetuneRun):
         if name not in self.runs:
             raise KeyError(f"finetune run {name!r}: allowed are {sorted(self.runs)}")
         shared = self.model_dump(exclude={"runs"})
-        return FinetuneRun.model_validate({**shared, **self.runs[name]})
+        changes = self.runs[name].model_dump(exclude_unset=True)
+        return FinetuneRun.model_validate({**shared, **changes})
 
 
 def check_runs(finetune: FinetuneParams, variants: list[str]) -> None:
