@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tasks.backbone import CONFIG_NAME, load_backbone
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
 from tasks.finetune_state import (cache_key, load_checkpoint, restore_rng, rng_state,
-                                  save_checkpoint, training_images)
+                                  run_folder, save_checkpoint, training_images)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
 from tasks.models import _save_variant
 from tasks.params.finetune import FinetuneRun
@@ -59,7 +59,7 @@ class FinetuneResult:
     model: nn.Module
     head: nn.Module
     history: list[dict[str, Any]]
-    cache_key: str  # the checkpoint folder's name under finetune.cache_dir
+    checkpoints: Path  # the run's checkpoint folder (removed once the output is written)
 
 
 def make_optimizer(model: nn.Module, heads: list[nn.Module], run: FinetuneRun,
@@ -163,7 +163,7 @@ def finetune(run: FinetuneRun, name: str, base_dir: Path, out_dir: Path, *,
     finally:
         torch.set_num_threads(threads)
     write_variant(out_dir, result, run, name, base_dir)
-    shutil.rmtree(Path(run.cache_dir) / result.cache_key, ignore_errors=True)
+    shutil.rmtree(result.checkpoints, ignore_errors=True)
     return result
 
 
@@ -177,8 +177,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     classes = sorted({s.class_id for s in samples})
     remap = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([remap[s.class_id] for s in samples])
-    key = cache_key(run, base_dir, samples)
-    cache = Path(run.cache_dir) / key
+    cache = run_folder(Path(run.cache_dir), name, cache_key(run, base_dir, samples))
 
     model, preprocess, info = load_backbone(base_dir)
     tower_parts(model.visual)  # refuse an unknown tower before any work
@@ -214,7 +213,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             "rng": rng_state(generator), "history": history})
         if progress:
             progress(history[-1])
-    return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, key)
+    return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, cache)
 
 
 def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,15 @@ def cache_key(run: FinetuneRun, base_dir: Path, samples: list[Sample]) -> str:
         digest.update(f"{s.key}\0{s.class_id}\0".encode())
         digest.update(hashlib.sha256(s.jpeg).digest())
     return digest.hexdigest()[:32]
+
+
+def run_folder(cache_dir: Path, name: str, key: str) -> Path:
+    """`<cache_dir>/<run>-<key>`, the run's checkpoint folder. The run's folders of other keys
+    are deleted: their settings or inputs have changed, so nothing would resume them."""
+    for old in cache_dir.glob(f"{name}-*"):  # run names have no '-': no other run's folder
+        if old.name != f"{name}-{key}" and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return cache_dir / f"{name}-{key}"
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -171,9 +171,9 @@ def test_head_then_backbone_trains_the_head_alone_then_the_backbone_alone(world,
     head = load_file(str(tmp_path / "out" / "head.safetensors"))
     assert not changed(head, at_epoch_one["head"])
     assert not changed(dict(result.head.state_dict()), at_epoch_one["head"])
-    with torch.no_grad():
-        fresh = EmbeddingHead(16, 64, dropout=0.0)  # the head did train in phase one
-    assert fresh.linear.weight.shape == head["linear.weight"].shape
+    torch.manual_seed(0)  # the head as the run initialised it: it did train in phase one
+    initial = EmbeddingHead(16, 64, dropout=0.0).state_dict()
+    assert changed(dict(initial), at_epoch_one["head"]) == set(initial)
 
 
 def test_layerwise_lrs_follow_the_closed_form_by_depth(world):
@@ -264,7 +264,7 @@ def test_output_is_a_variant_open_clip_loads_with_the_finetuned_weights(world, t
     assert info["checkpoint_sha256"] != base_info["checkpoint_sha256"]
     head, variants = load_head(out)
     assert variants == ["ft"] and head.linear.in_features == 16
-    assert not (tmp_path / "cache" / result.cache_key).exists()  # removed once written
+    assert not result.checkpoints.exists()  # removed once the output is written
 
 
 KILLED_RUN = """
@@ -424,3 +424,21 @@ def test_cuda_autocast_with_accumulation_trains_and_resumes_to_the_same_bytes(
     for name in (WEIGHTS_NAME, "head.safetensors"):
         assert ((tmp_path / "a" / "out" / name).read_bytes()
                 == (tmp_path / "b" / "out" / name).read_bytes()), name
+
+
+def test_the_checkpoint_folder_is_keyed_by_settings_and_inputs_and_stale_ones_go(world,
+                                                                                  tmp_path):
+    from tasks.finetune_state import cache_key, run_folder, training_images
+
+    samples = training_images(world["manifest"], world["shards"])
+    assert len(samples) == 24 and {s.class_id for s in samples} == {0, 1, 2, 3}
+    run = FinetuneRun(cache_dir="one")
+    key = cache_key(run, world["vit"], samples)
+    assert key == cache_key(FinetuneRun(cache_dir="two"), world["vit"], samples)
+    assert key != cache_key(FinetuneRun(seed=1), world["vit"], samples)
+    assert key != cache_key(run, world["efficientnet"], samples)
+    assert key != cache_key(run, world["vit"], samples[:-1])
+    for old in ("ft-0123", "ft_b-4567"):
+        (tmp_path / old).mkdir()
+    assert run_folder(tmp_path, "ft", key) == tmp_path / f"ft-{key}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft_b-4567"]  # another run's: kept
