@@ -9,6 +9,7 @@ more variant. A killed run resumes from its last finished epoch (finetune.cache_
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -29,15 +30,17 @@ def finetune(name: str, params: FinetuneParams) -> dict:
     run = params.run(name)
     log.info("finetune[%s]: %s from %s, %d epochs on %s", name, run.schedule, run.base,
              run.epochs, resolve_device(run.device))
+    start = [time.perf_counter()]
     with tqdm(total=run.epochs, unit="epoch", desc=f"finetune[{name}]") as bar:
         def epoch_done(row: dict[str, Any]) -> None:
             if bar.n == 0 and row["epoch"] > 1:  # resumed: count the epochs already done
                 bar.update(row["epoch"] - 1)
                 log.info("finetune[%s]: resumed after epoch %d", name, row["epoch"] - 1)
             bar.update(1)
-            log.info("finetune[%s] epoch %d/%d (%s): loss %.4f on %d images of %d classes",
-                     name, row["epoch"], run.epochs, row["phase"], row["loss"], row["images"],
-                     row["classes"])
+            seconds, start[0] = time.perf_counter() - start[0], time.perf_counter()
+            log.info("finetune[%s] epoch %d/%d (%s): loss %.4f on %d images of %d classes, "
+                     "%.1f images/s", name, row["epoch"], run.epochs, row["phase"], row["loss"],
+                     row["images"], row["classes"], row["images"] / max(seconds, 1e-9))
 
         result = finetune_variant(run, name, MODELS_DIR / run.base, MODELS_DIR / name,
                                   progress=epoch_done)

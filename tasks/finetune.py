@@ -103,19 +103,21 @@ class _Trainer:
         emb = self.head(F.normalize(feats.float(), dim=-1))
         return self.arc(emb, labels.to(self.device))
 
-    def epoch(self, batches: Iterable[list[tuple[torch.Tensor, torch.Tensor]]]) -> float:
-        """One optimizer step per group of `accumulate` batches; returns the mean loss.
+    def epoch(self, groups: Iterable[list[torch.Tensor]],
+              load: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step per group of `accumulate` batches (rows of the training set,
+        each decoded by `load` only when its turn comes); returns the mean loss.
 
         Each batch's loss is weighted by its share of its group's images, so the summed
         gradients are those of one batch of the whole group (a short last group too).
         """
         total_loss, images = 0.0, 0
-        for group in batches:
-            size = sum(len(y) for _, y in group)
-            for x, y in group:
-                loss = self.loss(x, y)
-                self.scaler.scale(loss * (len(y) / size)).backward()
-                total_loss, images = total_loss + loss.item() * len(y), images + len(y)
+        for group in groups:
+            size = sum(len(idx) for idx in group)
+            for idx in group:
+                loss = self.loss(*load(idx))
+                self.scaler.scale(loss * (len(idx) / size)).backward()
+                total_loss, images = total_loss + loss.item() * len(idx), images + len(idx)
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
@@ -123,21 +125,24 @@ class _Trainer:
         return total_loss / max(images, 1)
 
 
-def _batches(samples: list[Sample], labels: torch.Tensor, preprocess: Preprocess,
-             run: FinetuneRun, generator: torch.Generator,
-             ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """An epoch's batches, grouped for accumulation, decoded as they are needed; the order
-    is drawn from the seeded generator before any image is decoded."""
-    order = torch.randperm(len(samples), generator=generator)
-    cuts = [order[i:i + run.batch_size] for i in range(0, len(samples), run.batch_size)]
+def epoch_groups(images: int, run: FinetuneRun,
+                 generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """An epoch's batches (row indices, in an order drawn from the seeded generator), in
+    groups of `accumulate`: one group per optimizer step."""
+    order = torch.randperm(images, generator=generator)
+    cuts = [order[i:i + run.batch_size] for i in range(0, images, run.batch_size)]
+    for g in range(0, len(cuts), run.accumulate):
+        yield cuts[g:g + run.accumulate]
 
+
+def batch_loader(samples: list[Sample], labels: torch.Tensor, preprocess: Preprocess,
+                 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """rows -> (images decoded and preprocessed as extraction does, their labels)."""
     def load(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             x = torch.cat([preprocess(decode_rgb(samples[i].jpeg)[None]) for i in idx.tolist()])
         return x, labels[idx]
-
-    for g in range(0, len(cuts), run.accumulate):
-        yield [load(idx) for idx in cuts[g:g + run.accumulate]]
+    return load
 
 
 def steps_per_epoch(images: int, run: FinetuneRun) -> int:
@@ -195,6 +200,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         restore_rng(state["rng"], generator)
         history = state["history"]
     steps = steps_per_epoch(len(samples), run)
+    load = batch_loader(samples, labels, preprocess)
     trainer, resume = None, state["trainer"] if state is not None else None
     for epoch in range(len(history) + 1, run.epochs + 1):
         phase = phase_of(run, epoch)
@@ -203,7 +209,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             if resume is not None and resume["phase"] == phase:
                 trainer.load_state_dict(resume)
             resume = None
-        loss = trainer.epoch(_batches(samples, labels, preprocess, run, generator))
+        loss = trainer.epoch(epoch_groups(len(samples), run, generator), load)
         lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
                         "classes": len(classes), "lr": lrs})
