@@ -1,0 +1,247 @@
+"""Fine-tune a backbone variant's image tower with a 64-d head and ArcFace, as the top GUIE
+entries did, and write the result as a new variant in the layout the `models` stage writes.
+
+The training classes' train-split images (from the shards, preprocessed by the variant's
+own Preprocess, as extraction sees them) go through the tower, L2-normalised as `train`
+normalises features, into Linear(D, 64) + L2 and ArcFace. Which parts of the tower train
+and at which lr is the schedule's (tasks/finetune_blocks.py). On the CPU a run is
+deterministic (seeded, fixed threads, deterministic kernels); each epoch ends with a
+checkpoint (tasks/finetune_state.py), and a rerun resumes from it with the same bytes as a
+run never interrupted. The output folder loads through `open_clip`'s `local-dir:` and
+`tasks.backbone.load_backbone`, so extract, train, evaluate and export use it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from tasks.backbone import CONFIG_NAME, load_backbone
+from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
+from tasks.finetune_state import (cache_key, load_checkpoint, restore_rng, rng_state,
+                                  run_folder, save_checkpoint, training_images)
+from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
+from tasks.models import _save_variant
+from tasks.params.finetune import FinetuneRun
+from tasks.preprocess import Preprocess, decode_rgb
+from tasks.schemas.io import atomic_path, write_json
+from tasks.schemas.paths import MANIFEST, SHARDS_DIR
+from tasks.schemas.shards import Sample
+from tasks.train import _deterministic, warmup_cosine
+
+
+def resolve_device(choice: str) -> torch.device:
+    """finetune.device -> the torch device; auto is the GPU when torch sees one."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"finetune.device = {choice!r} but torch sees no CUDA device: "
+                           "use auto or cpu")
+    return torch.device(choice)
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (the whole open_clip model, on the CPU, eval mode), its head, and
+    one row per epoch (epoch, phase, loss, images, lr of each param group at its end)."""
+
+    model: nn.Module
+    head: nn.Module
+    history: list[dict[str, Any]]
+    checkpoints: Path  # the run's checkpoint folder (removed once the output is written)
+
+
+def make_optimizer(model: nn.Module, heads: list[nn.Module], run: FinetuneRun,
+                   phase: str) -> torch.optim.AdamW:
+    """AdamW over what trains in `phase`, one param group per tower part (named, at the
+    schedule's lr) and one for the heads; everything else frozen (`configure`)."""
+    groups = configure(model, tower_parts(model.visual), heads, run, phase)
+    return torch.optim.AdamW(groups, weight_decay=run.weight_decay)
+
+
+class _Trainer:
+    """One phase's optimizer, schedule and gradient scaler, and one epoch of steps."""
+
+    def __init__(self, model: nn.Module, head: EmbeddingHead, arc: ArcFace, run: FinetuneRun,
+                 phase: str, steps_per_epoch: int, device: torch.device):
+        self.model, self.head, self.arc, self.run, self.phase = model, head, arc, run, phase
+        self.opt = make_optimizer(model, [head, arc], run, phase)
+        total = steps_per_epoch * dict(phases(run))[phase]
+        self.sched = LambdaLR(self.opt, warmup_cosine(total, int(run.warmup_fraction * total)))
+        cuda = device.type == "cuda"
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.precision)
+        self.autocast = (torch.autocast("cuda", dtype=self.dtype)
+                         if cuda and self.dtype is not None else nullcontext())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.precision == "fp16")
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """ArcFace loss of a batch: the tower under autocast, head and loss in fp32 (ArcFace
+        scales cosines by ~30, where half precision's rounding is the size of the margin)."""
+        with self.autocast:
+            feats = self.model.encode_image(images.to(self.device, non_blocking=True))
+        emb = self.head(F.normalize(feats.float(), dim=-1))
+        return self.arc(emb, labels.to(self.device))
+
+    def epoch(self, groups: Iterable[list[torch.Tensor]],
+              load: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step per group of `accumulate` batches (rows of the training set,
+        each decoded by `load` only when its turn comes); returns the mean loss.
+
+        Each batch's loss is weighted by its share of its group's images, so the summed
+        gradients are those of one batch of the whole group (a short last group too).
+        """
+        total_loss, images = 0.0, 0
+        for group in groups:
+            size = sum(len(idx) for idx in group)
+            for idx in group:
+                loss = self.loss(*load(idx))
+                self.scaler.scale(loss * (len(idx) / size)).backward()
+                total_loss, images = total_loss + loss.item() * len(idx), images + len(idx)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+        return total_loss / max(images, 1)
+
+
+def epoch_groups(images: int, run: FinetuneRun,
+                 generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """An epoch's batches (row indices, in an order drawn from the seeded generator), in
+    groups of `accumulate`: one group per optimizer step."""
+    order = torch.randperm(images, generator=generator)
+    cuts = [order[i:i + run.batch_size] for i in range(0, images, run.batch_size)]
+    for g in range(0, len(cuts), run.accumulate):
+        yield cuts[g:g + run.accumulate]
+
+
+def batch_loader(samples: list[Sample], labels: torch.Tensor, preprocess: Preprocess,
+                 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """rows -> (images decoded and preprocessed as extraction does, their labels)."""
+    def load(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x = torch.cat([preprocess(decode_rgb(samples[i].jpeg)[None]) for i in idx.tolist()])
+        return x, labels[idx]
+    return load
+
+
+def steps_per_epoch(images: int, run: FinetuneRun) -> int:
+    """Optimizer steps in one epoch: batches of batch_size, `accumulate` per step."""
+    return math.ceil(math.ceil(images / run.batch_size) / run.accumulate)
+
+
+def finetune(run: FinetuneRun, name: str, base_dir: Path, out_dir: Path, *,
+             manifest: Path = MANIFEST, shards_dir: Path = SHARDS_DIR,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+    """Fine-tune variant `base_dir` as run `name` and write variant `out_dir`.
+
+    `progress` gets each epoch's history row once that epoch's checkpoint is on disk.
+    A run interrupted after epoch k resumes at k+1; the checkpoint folder is removed once
+    the output is written.
+    """
+    device = resolve_device(run.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run.threads)
+    try:
+        with _deterministic(device):
+            result = _finetune(run, name, base_dir, device, manifest, shards_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+    write_variant(out_dir, result, run, name, base_dir)
+    shutil.rmtree(result.checkpoints, ignore_errors=True)
+    return result
+
+
+def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
+              manifest: Path, shards_dir: Path,
+              progress: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
+    samples = training_images(manifest, shards_dir)
+    if not samples:
+        raise ValueError(f"finetune {name}: no train-split images of training classes in "
+                         f"{shards_dir}")
+    classes = sorted({s.class_id for s in samples})
+    remap = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([remap[s.class_id] for s in samples])
+    cache = run_folder(Path(run.cache_dir), name, cache_key(run, base_dir, samples))
+
+    model, preprocess, info = load_backbone(base_dir)
+    tower_parts(model.visual)  # refuse an unknown tower before any work
+    torch.manual_seed(run.seed)
+    head = EmbeddingHead(int(info["dim"]), run.embedding_dim, dropout=0.0)
+    arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin)
+    model, head, arc = model.to(device), head.to(device), arc.to(device)
+    generator = torch.Generator().manual_seed(run.seed)
+    history: list[dict[str, Any]] = []
+    state = load_checkpoint(cache)
+    if state is not None:
+        model.visual.load_state_dict(state["visual"])
+        head.load_state_dict(state["head"])
+        arc.load_state_dict(state["arc"])
+        restore_rng(state["rng"], generator)
+        history = state["history"]
+    steps = steps_per_epoch(len(samples), run)
+    load = batch_loader(samples, labels, preprocess)
+    trainer, resume = None, state["trainer"] if state is not None else None
+    for epoch in range(len(history) + 1, run.epochs + 1):
+        phase = phase_of(run, epoch)
+        if trainer is None or trainer.phase != phase:
+            trainer = _Trainer(model, head, arc, run, phase, steps, device)
+            if resume is not None and resume["phase"] == phase:
+                trainer.load_state_dict(resume)
+            resume = None
+        loss = trainer.epoch(epoch_groups(len(samples), run, generator), load)
+        lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
+        history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
+                        "classes": len(classes), "lr": lrs})
+        save_checkpoint(cache, {
+            "visual": model.visual.state_dict(), "head": head.state_dict(),
+            "arc": arc.state_dict(), "trainer": trainer.state_dict(),
+            "rng": rng_state(generator), "history": history})
+        if progress:
+            progress(history[-1])
+    return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, cache)
+
+
+def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name: str,
+                  base_dir: Path) -> dict[str, Any]:
+    """The fine-tuned model as a backbone variant (the `models` stage's writer, so the very
+    same layout: config, safetensors weights, model.json last), the head beside it in the
+    `train` stage's head format. model.json says where it came from and how it trained."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = json.loads((base_dir / "model.json").read_text())
+    head = result.head
+    with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    write_json(out_dir / HEAD_CONFIG, {
+        "kind": "dropout_linear", "in_dim": head.linear.in_features,
+        "out_dim": head.linear.out_features, "dropout": 0.0, "branches": 1, "variants": [name]})
+    history = result.history
+    source = {"model_name": base["model_name"],
+              "pretrained": f"{base['pretrained']}+finetune:{name}",
+              "base_variant": base_dir.name, "base_checkpoint_sha256": base["checkpoint_sha256"],
+              "schedule": run.schedule, "params": run.model_dump(exclude={"cache_dir"}),
+              "run": name,
+              "epochs_done": len(history), "loss": [row["loss"] for row in history],
+              "history": history}
+    config = json.loads((base_dir / CONFIG_NAME).read_text())
+    return _save_variant(out_dir, config, result.model, source)

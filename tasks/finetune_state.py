@@ -1,0 +1,97 @@
+"""What a fine-tuning run reads and what survives its interruption.
+
+The training images (the training classes' train split, from the shards), the run's cache
+key (its settings and exactly those inputs) and its per-epoch checkpoint: DVC deletes a
+stage's outputs before it runs, so the checkpoint lives in `<cache_dir>/<key>/`, where a
+rerun of the same run on the same inputs finds it and resumes after its last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import torch
+
+from tasks.backbone import CONFIG_NAME
+from tasks.params.finetune import FinetuneRun
+from tasks.schemas.io import atomic_path, read_table
+from tasks.schemas.manifest import MANIFEST_SCHEMA
+from tasks.schemas.shards import Sample, read_split
+
+CHECKPOINT = "checkpoint.pt"
+# Raised when the checkpoint's content or the training loop changes meaning, so an old
+# checkpoint is never resumed by code that would read it differently.
+STATE_VERSION = 1
+
+
+def training_images(manifest: Path, shards_dir: Path) -> list[Sample]:
+    """The training classes' train-split images, in shard order (their JPEG bytes).
+
+    Only images the manifest lists as split `train` of group `train`: validation and test
+    classes never reach the backbone, as they never reach the head.
+    """
+    table = read_table(manifest, MANIFEST_SCHEMA)
+    chosen = pc.and_(pc.equal(table["split"], "train"), pc.equal(table["group"], "train"))
+    keys = set(table.filter(chosen)["key"].to_pylist())
+    return [s for s in read_split(shards_dir, "train") if s.key in keys]
+
+
+def cache_key(run: FinetuneRun, base_dir: Path, samples: list[Sample]) -> str:
+    """sha256 of the run's settings (but where its cache lives), the base variant (its
+    config and weights' digest) and every training image (key, class, bytes) in order."""
+    digest = hashlib.sha256()
+    settings = {"version": STATE_VERSION, "run": run.model_dump(exclude={"cache_dir"}),
+                "base_config": json.loads((base_dir / CONFIG_NAME).read_text()),
+                "base_weights": json.loads((base_dir / "model.json").read_text())
+                ["checkpoint_sha256"]}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for s in samples:
+        digest.update(f"{s.key}\0{s.class_id}\0".encode())
+        digest.update(hashlib.sha256(s.jpeg).digest())
+    return digest.hexdigest()[:32]
+
+
+def run_folder(cache_dir: Path, name: str, key: str) -> Path:
+    """`<cache_dir>/<run>-<key>`, the run's checkpoint folder. The run's folders of other keys
+    are deleted: their settings or inputs have changed, so nothing would resume them."""
+    for old in cache_dir.glob(f"{name}-*"):  # run names have no '-': no other run's folder
+        if old.name != f"{name}-{key}" and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return cache_dir / f"{name}-{key}"
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state training draws from: the batch order's generator and torch's
+    global CPU and CUDA generators (dropout, drop-path)."""
+    state = {"generator": generator.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    """Write the state after an epoch, atomically: a kill mid-write leaves the previous one."""
+    with atomic_path(folder / CHECKPOINT) as tmp:
+        torch.save({"version": STATE_VERSION, **state}, tmp)
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The last completed epoch's state, or None to start afresh. Loaded without unpickling
+    code (`weights_only`): tensors, numbers, strings, lists and dicts only."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if state.get("version") == STATE_VERSION else None

@@ -1,0 +1,136 @@
+"""`finetune`: backbone fine-tuning runs, each writing a new backbone variant.
+
+The section holds the settings every run shares and `runs`, a dict of named runs, each a
+set of changes to those settings (a seed, an lr, another base or schedule), validated like
+the section itself. Overrides rather than one class per run because a sweep of five seeds
+should read as five one-line entries, not five copies of fifteen keys, and because it is
+how `sweep.recipes` already changes `train`: one pattern for "a base plus changes".
+Each run's cache key and provenance are its resolved settings (`FinetuneParams.run`), so
+editing one run's entry leaves the others' checkpoints and outputs alone.
+
+```yaml
+finetune:
+  base: lite0
+  schedule: layerwise
+  epochs: 4
+  lr_backbone: 1.0e-5
+  runs:
+    lite0_ft: {}
+    lite0_ft_seed1: {seed: 1}
+    lite0_ft_last_half: {schedule: last_blocks, trainable_fraction: 0.5}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, ValidationError, create_model, model_validator
+
+from tasks.params.base import _describe, _Section
+
+SCHEDULES = ("head_then_backbone", "end_to_end", "layerwise", "last_blocks")
+
+
+class FinetuneRun(_Section):
+    """One fine-tuning run, fully resolved: what `tasks.finetune` trains with."""
+
+    # The backbone variant to start from (a key of `models`); the run's output is a new
+    # variant folder beside it, in the same layout.
+    base: str = "lite0"
+    # head_then_backbone (1st place): the head alone for head_epochs, then the backbone
+    # alone at lr_backbone. end_to_end (2nd): both at once, each at its own lr.
+    # layerwise (4th): block i of D at lr_backbone * layer_decay**(D-1-i), the stem one
+    # step lower still. last_blocks (6th): only the last trainable_fraction of the blocks.
+    schedule: Literal["head_then_backbone", "end_to_end", "layerwise", "last_blocks"] = (
+        "end_to_end")
+    epochs: int = Field(3, ge=1)
+    # head_then_backbone only: epochs of the first phase; the backbone trains for the rest.
+    head_epochs: int = Field(1, ge=1)
+    # Images per forward pass; an optimizer step takes `accumulate` of them, so the
+    # effective batch is batch_size * accumulate within what the device's memory holds.
+    batch_size: int = Field(32, ge=1)
+    accumulate: int = Field(1, ge=1)
+    # The head learns from scratch; the backbone is already good and is easily wrecked, so
+    # its lr is orders lower (2nd place: 1e-4 head, 1e-7 ViT-H backbone).
+    lr_head: float = Field(1e-4, gt=0.0)
+    lr_backbone: float = Field(1e-6, gt=0.0)
+    # layerwise only: each block closer to the input gets this factor more (4th place: 0.6-0.8).
+    layer_decay: float = Field(0.7, gt=0.0, le=1.0)
+    # last_blocks only: the share of the blocks that train, the last ones, rounded up.
+    trainable_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    # Share of each phase's optimizer steps with a linear warm-up, then a half cosine to 0.
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    # The projection head's size (GUIE caps embeddings at 64) and its ArcFace loss.
+    embedding_dim: int = Field(64, ge=2, le=64)
+    arcface_scale: float = Field(30.0, gt=0.0)
+    arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+    seed: int = 0
+    # auto: the GPU when torch sees one, else the CPU; cpu; cuda; cuda:N.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Autocast dtype on CUDA (fp16 with a gradient scaler); the CPU always runs fp32.
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # CPU threads: a float sum's order, and so the trained bytes, depend on it; fixed, a
+    # rerun (or a resumed run) with the same params gives the same weights.
+    threads: int = Field(2, ge=1)
+    # Per-epoch checkpoints, outside DVC's outputs (DVC deletes those before a stage runs),
+    # in a folder per run keyed by its settings and inputs; deleted when the run finishes.
+    cache_dir: str = ".cache/finetune"
+
+    @model_validator(mode="after")
+    def _phases(self) -> "FinetuneRun":
+        if self.schedule == "head_then_backbone" and self.head_epochs >= self.epochs:
+            raise ValueError(f"head_epochs = {self.head_epochs} leaves no epoch of the "
+                             f"{self.epochs} for the backbone: make it < epochs")
+        return self
+
+
+def _optional(field) -> tuple[object, None]:
+    """A run's change to one setting: the setting's type and bounds, or not given."""
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return Optional[kind], None
+
+
+# The changes one run makes: any FinetuneRun setting, with the same types and bounds, so a
+# bad value names its own key (finetune.runs.<run>.<key>); unknown keys are refused.
+RunChanges = create_model("RunChanges", __base__=_Section,
+                          **{name: _optional(f) for name, f in FinetuneRun.model_fields.items()})
+
+
+class FinetuneParams(FinetuneRun):
+    """The shared settings and the named runs (each: changes to them)."""
+
+    runs: dict[str, RunChanges] = Field(default_factory=dict)  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _runs_valid(self) -> "FinetuneParams":
+        for name in self.runs:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"runs.{name}: use letters, digits and '_' only "
+                                 "(it names the output variant's folder)")
+            try:
+                self.run(name)
+            except ValidationError as exc:
+                problems = "; ".join(_describe(e) for e in exc.errors())
+                raise ValueError(f"runs.{name}: {problems}") from None
+        return self
+
+    def run(self, name: str) -> FinetuneRun:
+        """Run `name`: the shared settings with its changes, validated as one run."""
+        if name not in self.runs:
+            raise KeyError(f"finetune run {name!r}: allowed are {sorted(self.runs)}")
+        shared = self.model_dump(exclude={"runs"})
+        changes = self.runs[name].model_dump(exclude_unset=True)
+        return FinetuneRun.model_validate({**shared, **changes})
+
+
+def check_runs(finetune: FinetuneParams, variants: list[str]) -> None:
+    """Each run starts from a known variant and does not take a variant's name."""
+    for name in finetune.runs:
+        base = finetune.run(name).base
+        if base not in variants:
+            raise ValueError(f"finetune.runs.{name}.base = {base!r}: allowed are {variants}")
+        if name in variants:
+            raise ValueError(f"finetune.runs.{name}: the name of a models variant; its output "
+                             "would overwrite that variant's folder")
