@@ -111,6 +111,7 @@ def write_model(project: Path) -> None:
 def write_params(project: Path, images: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["models"] = {"tiny": {"kind": "checkpoint", "arch": "ViT-S-32", "path": "unused"}}
+    params["variants"] = {"tiny": "models"}
     params["sources"] = {"images": {"kind": "imagefolder", "path": str(images)}}
     params["sample"].update(samples=PER_CLASS, num_classes={"images": "all"})
     params["extract"]["cache_dir"] = ""  # a cache would make reruns free: measure the work

@@ -18,6 +18,7 @@ from tasks.features import (load_concat, load_variant_split, read_manifest, spli
                             train_rows_for_fit)
 from tasks.gallery import gallery_keys, gallery_rows, pick_queries, render_gallery
 from tasks.params.base import NAMES
+from tasks.params.variants import VariantsParams, head_backbones
 from tasks.params.evaluate import EvaluateParams
 from tasks.report import metrics_markdown, metrics_rows, write_curves
 from tasks.schemas.io import write_bytes, write_json
@@ -29,8 +30,9 @@ GALLERY_QUERIES = 12
 
 
 @flow(name="evaluate")
-def evaluate(variants: list[str], params: EvaluateParams) -> dict:
-    """Score each backbone (PCA-64), their concatenation (PCA-64) and the head, per class group."""
+def evaluate(variants: list[str], backbones: list[str], params: EvaluateParams) -> dict:
+    """Score each variant (PCA-64), the concatenation of the head's backbones (PCA-64) and the
+    head, per class group."""
     log = get_run_logger()
     faiss.omp_set_num_threads(params.threads)
     torch.set_num_threads(params.threads)
@@ -48,13 +50,13 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
     for v in variants:
         query, index = (load_variant_split(v, s) for s in ("query", "index"))
         score(f"zero_shot_pca{dim}_{v}", pca([v]), split_groups(query, index, meta))
-    query, index = (load_concat(variants, s) for s in ("query", "index"))
+    query, index = (load_concat(backbones, s) for s in ("query", "index"))
     groups = split_groups(query, index, meta)  # the concatenation's: its line, the head's
-    score(f"zero_shot_pca{dim}_concat", pca(variants), groups)
+    score(f"zero_shot_pca{dim}_concat", pca(backbones), groups)
     head, head_variants = load_head(HEAD_DIR)
-    if head_variants != variants:
-        raise ValueError(f"head was trained on {head_variants}, features are {variants}; "
-                         "rerun train")
+    if head_variants != backbones:
+        raise ValueError(f"head was trained on {head_variants}, train.backbones are "
+                         f"{backbones}; rerun train")
     score("head", lambda x: embed_with_head(head, x), groups)
 
     reference = best_zero_shot(results["validation"], params.k)
@@ -96,5 +98,6 @@ def evaluate(variants: list[str], params: EvaluateParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: evaluate(list(p.models), p.evaluate),
-         {"models": NAMES, "evaluate": EvaluateParams})
+    main(lambda p, _key: evaluate(list(p.variants), head_backbones(p.variants, p.train),
+                                  p.evaluate),
+         {"variants": VariantsParams, "train": NAMES, "evaluate": EvaluateParams})

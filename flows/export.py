@@ -14,24 +14,29 @@ from tasks.schemas.shards import read_split
 from tasks.features import load_concat
 from tasks.backbone import load_backbone
 from tasks.params.base import NAMES
+from tasks.params.variants import VariantsParams, head_backbones, variant_dir
 from tasks.params.export import ExportParams
 from tasks.preprocess import decode_rgb
 from tasks.schemas.io import write_json
-from tasks.schemas.paths import EXPORT_DIR, HEAD_DIR, MODELS_DIR, SHARDS_DIR
+from tasks.schemas.paths import EXPORT_DIR, HEAD_DIR, SHARDS_DIR
 from tasks.heads import embed_with_head, load_head
 
 EMBEDDER = EXPORT_DIR / "embedder.pt2"
 
 
 @flow(name="export")
-def export(params: ExportParams) -> dict:
-    """Export preprocessing + backbones + head as one program, then check it against the pipeline."""
+def export(params: ExportParams, sources: dict[str, str], backbones: list[str]) -> dict:
+    """Export preprocessing + backbones + head as one program, then check it against the
+    pipeline. `sources`: each variant's stage group (params `variants`)."""
     log = get_run_logger()
     torch.set_num_threads(params.threads)
     head, variants = load_head(HEAD_DIR)
+    if variants != backbones:
+        raise ValueError(f"head was trained on {variants}, train.backbones are {backbones}; "
+                         "rerun train")
     towers = []
     for v in variants:
-        model, preprocess, _ = load_backbone(MODELS_DIR / v)
+        model, preprocess, _ = load_backbone(variant_dir(v, sources))
         towers.append((preprocess, model.visual))
     # The first eval (query) images, straight from the shards the pipeline embedded.
     samples = list(islice(read_split(SHARDS_DIR, "query"), params.verify_images))
@@ -58,4 +63,5 @@ def export(params: ExportParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: export(p.export), {"models": NAMES, "export": ExportParams})
+    main(lambda p, _key: export(p.export, dict(p.variants), head_backbones(p.variants, p.train)),
+         {"variants": VariantsParams, "train": NAMES, "export": ExportParams})

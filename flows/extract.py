@@ -30,9 +30,9 @@ from tqdm import tqdm
 from flows._cli import main
 from tasks.extract import embed_shard, get_worker, resolve_devices
 from tasks.extract_devices import embed_on_devices
-from tasks.params.base import NAMES
+from tasks.params.variants import VariantsParams, variant_dir
 from tasks.params.extract import ExtractParams
-from tasks.schemas.paths import FEATURES_DIR, MODELS_DIR, SHARDS_DIR
+from tasks.schemas.paths import FEATURES_DIR, SHARDS_DIR
 from tasks.schemas.shards import read_index
 
 
@@ -107,8 +107,9 @@ def shard_stats(urls: list[str], outs: list[str], model_dir: str,
 
 
 @flow(name="extract")
-def extract(variant: str, params: ExtractParams) -> dict:
-    """Embed the shards; a progress bar counts images as shards finish."""
+def extract(variant: str, model_dir: Path, params: ExtractParams) -> dict:
+    """Embed the shards with the backbone in `model_dir`; a progress bar counts images as
+    shards finish."""
     log = get_run_logger()
     index = read_index(SHARDS_DIR)
     if params.cache_dir:  # workers may run elsewhere: hand them absolute paths
@@ -122,7 +123,7 @@ def extract(variant: str, params: ExtractParams) -> dict:
     embedded = cached = 0
     per_process: Counter[int] = Counter()  # shards each process embedded, by process id
     with tqdm(total=total, unit="img", desc=f"extract[{variant}]", mininterval=2.0) as bar:
-        for stats in shard_stats(urls, outs, str((MODELS_DIR / variant).resolve()), params):
+        for stats in shard_stats(urls, outs, str(model_dir.resolve()), params):
             embedded, cached = embedded + stats["embedded"], cached + stats["cached"]
             bar.update(stats["images"])
             per_process[stats["pid"]] += 1
@@ -135,8 +136,9 @@ def extract(variant: str, params: ExtractParams) -> dict:
 
 
 def run(params: Any, variant: str) -> dict:
-    return extract.with_options(task_runner=task_runner(params.extract))(variant, params.extract)
+    return extract.with_options(task_runner=task_runner(params.extract))(
+        variant, variant_dir(variant, params.variants), params.extract)
 
 
 if __name__ == "__main__":
-    main(run, {"models": NAMES, "extract": ExtractParams}, keys="models")
+    main(run, {"variants": VariantsParams, "extract": ExtractParams}, keys="variants")

@@ -1,9 +1,10 @@
-"""Stage `finetune`: a backbone variant -> a fine-tuned variant data/00_models/<run>/.
+"""Stage `finetune`: a built backbone -> a fine-tuned one, data/00_finetuned/<run>/.
 
 `python -m flows.finetune <run>` trains run `<run>` of the `finetune` section (its shared
-settings with the run's changes) and writes the result beside the `models` stage's
-variants, in their layout, so `extract`, `train`, `evaluate` and `export` take it as one
-more variant. A killed run resumes from its last finished epoch (finetune.cache_dir).
+settings with the run's changes) and writes the result in the `models` stage's layout, so
+that listed in `variants` (`<run>: finetuned`), `extract`, `train`, `evaluate` and
+`export` take it as one more backbone, and `soup` can average it with other runs. A killed
+run resumes from its last finished epoch (finetune.cache_dir).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tasks.finetune import finetune as finetune_variant
 from tasks.finetune import resolve_device
 from tasks.params.base import NAMES, ParamsError
 from tasks.params.finetune import FinetuneParams, check_runs
-from tasks.schemas.paths import MODELS_DIR
+from tasks.schemas.paths import FINETUNED_DIR, MODELS_DIR
 
 
 @flow(name="finetune")
@@ -42,11 +43,11 @@ def finetune(name: str, params: FinetuneParams) -> dict:
                      "%.1f images/s", name, row["epoch"], run.epochs, row["phase"], row["loss"],
                      row["images"], row["classes"], row["images"] / max(seconds, 1e-9))
 
-        result = finetune_variant(run, name, MODELS_DIR / run.base, MODELS_DIR / name,
+        result = finetune_variant(run, name, MODELS_DIR / run.base, FINETUNED_DIR / name,
                                   progress=epoch_done)
     losses = [row["loss"] for row in result.history]
     log.info("finetune[%s]: wrote %s; loss %.4f -> %.4f over %d epochs", name,
-             MODELS_DIR / name, losses[0], losses[-1], len(losses))
+             FINETUNED_DIR / name, losses[0], losses[-1], len(losses))
     return {"run": name, "base": run.base, "schedule": run.schedule, "loss": losses}
 
 

@@ -1,5 +1,6 @@
-"""Stage `soup`: fine-tuned runs of one backbone -> data/00_soups/<name>/, their weight average
-(a model soup) in the models stage's layout, so extract and export load it as any backbone."""
+"""Stage `soup`: fine-tuned runs of one backbone (data/00_finetuned/<run>/) ->
+data/00_soups/<name>/, their weight average (a model soup) in the models stage's layout, so
+that listed in `variants` (`<name>: soups`) extract and export load it as any backbone."""
 
 from __future__ import annotations
 
@@ -11,12 +12,8 @@ from flows._cli import main
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.params.soup import SoupParams, SoupSpec
-from tasks.schemas.paths import DATA, MANIFEST, SHARDS_DIR
+from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
 from tasks.soup import greedy_soup, uniform_soup, validation_scorer
-
-# Beside data/00_models: soups are backbones too. (To tasks/schemas/paths.py with the
-# stage's entry in dvc.yaml.)
-SOUPS_DIR = DATA / "00_soups"
 
 # DVC caches the soup folder: Prefect's own result caching stays off.
 make_uniform = task(uniform_soup, name="uniform-soup", cache_policy=NO_CACHE)
@@ -29,8 +26,9 @@ def soup(name: str, spec: SoupSpec, evaluate: EvaluateParams, extract: ExtractPa
     validation classes' mP@5 rises (the test classes are never read)."""
     log = get_run_logger()
     out = SOUPS_DIR / name
+    runs = [FINETUNED_DIR / run for run in spec.runs]
     if spec.kind == "uniform":
-        info = make_uniform(spec.runs, out)
+        info = make_uniform(runs, out)
     else:
         # Scored on the CPU (fp32, extract.cpu_threads threads; search on evaluate.threads):
         # the same scores, and so the same runs kept, on every machine of one CPU family.
@@ -38,7 +36,7 @@ def soup(name: str, spec: SoupSpec, evaluate: EvaluateParams, extract: ExtractPa
         score = validation_scorer(SHARDS_DIR, MANIFEST, evaluate,
                                   extract.model_copy(update={"device": "cpu"}),
                                   spec.pca_fit_images)
-        info = make_greedy(spec.runs, score, out)
+        info = make_greedy(runs, score, out)
         record = info["soup"]["greedy"]
         for t in record["tries"]:
             log.info("soup[%s]: %d runs: validation mP@5 %.4f, %s", name, len(t["runs"]),

@@ -15,7 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._cli import main
 from tasks.params.evaluate import EvaluateParams
-from tasks.params.base import NAMES, ParamsError
+from tasks.params.base import ParamsError
+from tasks.params.variants import VariantsParams, head_backbones
 from tasks.params.sweep import SweepParams, check_recipes
 from tasks.params.train import TrainParams
 from tasks.schemas.io import write_bytes, write_json
@@ -62,7 +63,8 @@ if __name__ == "__main__":
             check_recipes(p.sweep, p.train)
         except ValueError as exc:
             raise ParamsError(f"params.yaml: {exc}") from None
-        sweep(list(p.models), p.train, p.evaluate, p.sweep)
+        sweep(head_backbones(p.variants, {"backbones": p.train.backbones}), p.train,
+              p.evaluate, p.sweep)
 
-    main(run, {"models": NAMES, "train": TrainParams, "evaluate": EvaluateParams,
+    main(run, {"variants": VariantsParams, "train": TrainParams, "evaluate": EvaluateParams,
                "sweep": SweepParams})

@@ -6,7 +6,7 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows._cli import main
-from tasks.params.base import NAMES
+from tasks.params.variants import VariantsParams, head_backbones
 from tasks.params.train import TrainParams
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import HEAD_DIR
@@ -37,4 +37,6 @@ def train(variants: list[str], params: TrainParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: train(list(p.models), p.train), {"models": NAMES, "train": TrainParams})
+    main(lambda p, _key: train(head_backbones(p.variants, {"backbones": p.train.backbones}),
+                               p.train),
+         {"variants": VariantsParams, "train": TrainParams})

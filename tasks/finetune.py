@@ -27,18 +27,17 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from tasks.backbone import CONFIG_NAME, load_backbone
+from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
 from tasks.finetune_state import (cache_key, load_checkpoint, restore_rng, rng_state,
                                   run_folder, save_checkpoint, training_images)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
-from tasks.models import _save_variant
 from tasks.params.finetune import FinetuneRun
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
 from tasks.schemas.shards import Sample
-from tasks.train import _deterministic, warmup_cosine
+from tasks.schedules import deterministic, warmup_cosine
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -163,7 +162,7 @@ def finetune(run: FinetuneRun, name: str, base_dir: Path, out_dir: Path, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(run.threads)
     try:
-        with _deterministic(device):
+        with deterministic(device):
             result = _finetune(run, name, base_dir, device, manifest, shards_dir, progress)
     finally:
         torch.set_num_threads(threads)
@@ -244,4 +243,4 @@ def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name:
               "epochs_done": len(history), "loss": [row["loss"] for row in history],
               "history": history}
     config = json.loads((base_dir / CONFIG_NAME).read_text())
-    return _save_variant(out_dir, config, result.model, source)
+    return save_variant(out_dir, config, result.model, source)

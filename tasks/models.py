@@ -18,11 +18,10 @@ from typing import Any, Iterator
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from safetensors.torch import save_file
 
-from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME
+from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, save_variant
 from tasks.params.models import CheckpointModel, EfficientNetLiteModel, ModelParams, OpenClipModel
-from tasks.schemas.io import atomic_path, sha256_file, write_json
+from tasks.schemas.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +106,6 @@ def build_lite_trunk(arch: str) -> torch.nn.Module:
         raise RuntimeError(f"converted {timm_name} disagrees with the original: max |logit diff| = {diff:.3g}")
     log.info("converted %s: logits match the original (max diff %.2g)", timm_name, diff)
     return trunk
-
-
-def _save_variant(out_dir: Path, config: dict[str, Any], model: torch.nn.Module, source: dict[str, str]) -> dict[str, Any]:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(out_dir / CONFIG_NAME, config)
-    info = {**source, "checkpoint_sha256": sha256_file(out_dir / WEIGHTS_NAME),
-            "image_size": _square_side(config["preprocess_cfg"]["size"]), "dim": config["model_cfg"]["embed_dim"]}
-    write_json(out_dir / "model.json", info)
-    return info
-
-
-def _square_side(size: int | list[int]) -> int:
-    """open_clip gives image sizes as an int or an (H, W) pair; every backbone here is square."""
-    if isinstance(size, int):
-        return size
-    if len(set(size)) != 1:
-        raise ValueError(f"non-square input size {size}: not supported")
-    return int(size[0])
 
 
 def open_clip_variant_config(arch: str, tag_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +202,7 @@ def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]
         source = {"model_name": spec.arch, "pretrained": f"file:{spec.path.name}"}
     else:  # pragma: no cover - pydantic rejects other kinds
         raise TypeError(type(spec))
-    return _save_variant(out_dir, config, model, source)
+    return save_variant(out_dir, config, model, source)
 
 
 @contextmanager

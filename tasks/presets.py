@@ -2,9 +2,11 @@
 
 An overlay names only what it changes. Within a stage section each key it
 gives replaces that key (`extract: {batch_size: 256}` changes one value);
-`models`, `sources` and `sample.num_classes` are sets of named entries, so an
-overlay that gives them replaces the whole set: a CLIP preset swaps the
-backbones instead of adding to the offline ones.
+`models`, `variants`, `sources`, `sample.num_classes`, `finetune.runs` and
+`soup` are sets of named entries, so an overlay that gives them replaces the
+whole set: a CLIP preset swaps the backbones instead of adding to the offline
+ones. An overlay that gives `models` but no `variants` embeds every model it
+gives, in its order (`variants` would otherwise still name the offline ones).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from tasks.params.base import ParamsError
 from tasks.params.project import parse_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
-_REPLACED_WHOLE = {("models",), ("sources",), ("sample", "num_classes")}
+_REPLACED_WHOLE = {("models",), ("variants",), ("sources",), ("sample", "num_classes"),
+                   ("finetune", "runs"), ("soup",)}
 
 
 def list_presets(directory: Path = PRESETS_DIR) -> list[str]:
@@ -50,6 +53,9 @@ def apply_overlay(base: dict[str, Any], overlay: dict[str, Any], _at: tuple[str,
 
 def preset_params(name: str, base: dict[str, Any], directory: Path = PRESETS_DIR) -> dict[str, Any]:
     """The params a preset gives on top of `base`, validated (ParamsError names the preset)."""
-    merged = apply_overlay(base, load_preset(name, directory))
+    overlay = load_preset(name, directory)
+    if "models" in overlay and "variants" not in overlay:
+        overlay = {**overlay, "variants": {m: "models" for m in overlay["models"]}}
+    merged = apply_overlay(base, overlay)
     parse_params(merged, origin=f"params.yaml + presets/{name}.yaml")
     return merged

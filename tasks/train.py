@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,37 +27,8 @@ from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic
                          embed_with_head)
 from tasks.metrics import mean_precision_at_k
 from tasks.params.train import TrainParams
+from tasks.schedules import deterministic, warmup_cosine, warmup_linear_decay, warmup_step
 from tasks.schemas.io import atomic_path, write_json
-
-
-def warmup_linear_decay(total_steps: int, warmup_steps: int):
-    """LR multiplier: 0 -> 1 linearly over warm-up, then 1 -> 0 linearly to the last step."""
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        remaining = max(total_steps - warmup_steps, 1)
-        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
-    return factor
-
-
-def warmup_step(warmup_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float):
-    """LR multiplier: linear warm-up, then x`gamma` every `step_epochs` epochs (2xCLIP: x0.1
-    every 100)."""
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return gamma ** (step // (steps_per_epoch * step_epochs))
-    return factor
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR multiplier: linear warm-up, then half a cosine from 1 down to 0."""
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 @dataclass
@@ -199,26 +169,10 @@ def train_head(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params
     threads = torch.get_num_threads()
     torch.set_num_threads(params.threads)
     try:
-        with _deterministic(device):
+        with deterministic(device):
             return _train(train, val, params, validation, class_images, device)
     finally:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def _deterministic(device: torch.device):
-    """Deterministic kernels; on CUDA a kernel without a deterministic version warns rather
-    than stops a long run (GPU results are reproducible on one GPU model, not bit-equal to
-    the CPU's), and cuBLAS gets the fixed workspace its determinism needs."""
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _batches(train: SplitFeatures | MappedFeatures, device: torch.device):

@@ -46,11 +46,14 @@ def test_every_stage_depends_on_exactly_the_code_its_flow_imports():
         assert code <= needed, f"stage {name} depends on modules it never imports: {sorted(code - needed)}"
 
 
-# Sections a stage reads besides its own: the variant list (which features, in which
-# order) for the stages that combine backbones; train and evaluate for the sweep,
-# whose recipes are changes to train scored the way evaluate scores.
-ALSO_READS = {"inputs": {"models"}, "train": {"models"}, "evaluate": {"models"}, "export": {"models"},
-              "sweep": {"models", "train", "evaluate"}}
+# Sections a stage reads besides its own: the variants (which backbones, from which stage
+# group) and train.backbones (which features the head concatenates, in which order) for
+# the stages that embed or combine backbones; train and evaluate for the sweep, whose
+# recipes are changes to train scored the way evaluate scores.
+ALSO_READS = {"inputs": {"models"}, "finetune": {"models"}, "soup": {"evaluate", "extract"},
+              "extract": {"variants"}, "train": {"variants"},
+              "evaluate": {"variants", "train"}, "export": {"variants", "train"},
+              "sweep": {"variants", "train", "evaluate"}}
 
 
 def test_every_stage_declares_exactly_the_params_sections_it_reads():
@@ -72,16 +75,20 @@ READERS = {
     "tasks/params/sources.py": {"download"},
     "tasks/params/sample.py": {"sample"},
     "tasks/params/shard.py": {"shard"},
-    "tasks/params/extract.py": {"extract"},
+    "tasks/params/extract.py": {"extract", "soup"},
     "tasks/params/train.py": {"train", "sweep"},
-    "tasks/params/evaluate.py": {"evaluate", "sweep"},
+    "tasks/params/evaluate.py": {"evaluate", "sweep", "soup"},
     "tasks/params/sweep.py": {"sweep"},
     "tasks/params/export.py": {"export"},
+    "tasks/params/variants.py": {"extract", "train", "evaluate", "sweep", "export"},
+    "tasks/params/soup.py": {"soup"},
+    "tasks/params/finetune.py": {"finetune"},
     "tasks/params/project.py": set(),
     "tasks/schemas/raw.py": {"download", "sample"},
-    "tasks/schemas/manifest.py": {"sample", "shard", "train", "evaluate", "sweep", "export"},
-    "tasks/schemas/shards.py": {"shard", "extract", "evaluate", "export"},
-    "tasks/schemas/features.py": {"extract", "train", "evaluate", "sweep", "export"},
+    "tasks/schemas/manifest.py": {"sample", "shard", "train", "evaluate", "sweep", "export",
+                                  "finetune", "soup"},
+    "tasks/schemas/shards.py": {"shard", "extract", "evaluate", "export", "finetune", "soup"},
+    "tasks/schemas/features.py": {"extract", "train", "evaluate", "sweep", "export", "soup"},
 }
 
 

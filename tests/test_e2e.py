@@ -59,6 +59,7 @@ def prefect_server(tmp_path_factory):
 def tiny_params() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["models"] = {"lite0": params["models"]["lite0"]}
+    params["variants"] = {"lite0": "models"}
     params["sources"] = {
         "package_photos": {**params["sources"]["package_photos"], "views": 8, "max_side": 64},
         "mine": {"kind": "imagefolder", "path": "mine_images"},

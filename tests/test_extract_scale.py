@@ -59,7 +59,8 @@ def run_extract(root: Path, monkeypatch, **overrides) -> dict:
 
     monkeypatch.chdir(root)
     params = ExtractParams(**{"batch_size": 4, "num_workers": 0, "device": "cpu", **overrides})
-    return extract.with_options(task_runner=task_runner(params))("tiny", params)
+    model_dir = Path("data/00_models/tiny")
+    return extract.with_options(task_runner=task_runner(params))("tiny", model_dir, params)
 
 
 def test_cache_returns_what_was_put_and_survives_reopening(tmp_path, tiny_backbone):
@@ -119,7 +120,9 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path, tiny_backb
     run_extract(reference, monkeypatch, flush_every=4)
     root = make_project(tmp_path / "p", tiny_backbone, images=160, per_shard=8)
     script = ("from flows.extract import extract; from tasks.params.extract import ExtractParams; "
-              "extract('tiny', ExtractParams(batch_size=4, num_workers=0, device='cpu', flush_every=4))")
+              "from pathlib import Path; "
+              "extract('tiny', Path('data/00_models/tiny'), "
+              "ExtractParams(batch_size=4, num_workers=0, device='cpu', flush_every=4))")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

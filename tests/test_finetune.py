@@ -28,7 +28,8 @@ from tasks.finetune import finetune, make_optimizer
 from tasks.finetune_blocks import tower_parts
 from tasks.finetune_state import load_checkpoint
 from tasks.heads import ArcFace, EmbeddingHead, load_head
-from tasks.models import _model_from_config, _save_variant
+from tasks.backbone import save_variant
+from tasks.models import _model_from_config
 from tasks.params.finetune import FinetuneRun
 from tasks.params.shard import ShardParams
 from tasks.schemas.io import write_json, write_table
@@ -54,7 +55,7 @@ def make_variant(folder: Path, config: dict) -> Path:
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     model = _model_from_config(folder, config)
-    _save_variant(folder, config, model, {"model_name": "tiny", "pretrained": "random-init"})
+    save_variant(folder, config, model, {"model_name": "tiny", "pretrained": "random-init"})
     return folder
 
 
@@ -353,7 +354,7 @@ def test_the_flow_writes_a_variant_beside_the_others_and_checks_its_run(world, i
     from flows import finetune as stage
     from tasks.params.base import ParamsError, load_sections
     from tasks.params.finetune import FinetuneParams
-    from tasks.schemas.paths import MANIFEST, MODELS_DIR, SHARDS_DIR
+    from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, MODELS_DIR, SHARDS_DIR
 
     shutil.copytree(world["vit"], MODELS_DIR / "vit")
     shutil.copytree(world["shards"], SHARDS_DIR)
@@ -362,16 +363,18 @@ def test_the_flow_writes_a_variant_beside_the_others_and_checks_its_run(world, i
     (in_tmp / "params.yaml").write_text(
         "models: {vit: {kind: checkpoint, arch: ViT-B-32, path: x.pt}}\n"
         "finetune:\n  base: vit\n  epochs: 2\n  batch_size: 8\n  device: cpu\n"
-        "  runs: {vit_ft: {schedule: last_blocks}, vit_bad: {base: nope}}\n")
+        "  runs: {vit_ft: {schedule: last_blocks}}\n")
     params = load_sections({"models": dict, "finetune": FinetuneParams})
     summary = stage.finetune("vit_ft", params.finetune)
     assert summary["schedule"] == "last_blocks" and len(summary["loss"]) == 2
-    model, _, info = load_backbone(MODELS_DIR / "vit_ft")
+    model, _, info = load_backbone(FINETUNED_DIR / "vit_ft")
     assert info["base_variant"] == "vit" and info["run"] == "vit_ft"
+    assert not (MODELS_DIR / "vit_ft").exists()  # beside the built ones, not among them
     assert not any((in_tmp / ".cache" / "finetune").iterdir())  # checkpoints removed
     monkeypatch.setattr(sys, "argv", ["flows.finetune", "vit_ft"])
-    with pytest.raises(ParamsError, match=r"runs.vit_bad.base = 'nope': allowed are \['vit'\]"):
-        stage.run(params, None)
+    elsewhere = params.finetune.model_copy(update={"base": "nope"})
+    with pytest.raises(ParamsError, match=r"finetune.base = 'nope': allowed are \['vit'\]"):
+        stage.run(type(params)(models=params.models, finetune=elsewhere), None)
     monkeypatch.setattr(sys, "argv", ["flows.finetune", "other"])
     with pytest.raises(ParamsError, match=r"finetune run 'other': allowed are"):
         stage.run(params, None)
@@ -387,6 +390,8 @@ def test_runs_are_the_shared_settings_with_their_changes_and_bad_values_name_the
     assert params.run("b") == FinetuneRun(base="lite0", lr_backbone=1e-5, seed=1,
                                           schedule="layerwise")
     check_runs(params, ["lite0", "lite2"])
+    with pytest.raises(ValueError, match=r"finetune.base = 'lite0': allowed are \['lite2'\]"):
+        check_runs(params, ["lite2"])
     with pytest.raises(ValueError, match="finetune.runs.a: the name of a models variant"):
         check_runs(validate(FinetuneParams, {"runs": {"a": {}}}, "p"), ["lite0", "a"])
     bad = {"runs.a.lr_head = -1: allowed is a value > 0.0": {"a": {"lr_head": -1}},
@@ -394,7 +399,8 @@ def test_runs_are_the_shared_settings_with_their_changes_and_bad_values_name_the
            "runs.a.device = 'gpu'": {"a": {"device": "gpu"}},
            "runs.a: head_epochs = 1 leaves no epoch of the 1": {
                "a": {"schedule": "head_then_backbone", "epochs": 1}},
-           "runs.a-b: use letters, digits and '_' only": {"a-b": {}}}
+           "runs.a-b: use letters, digits and '_' only": {"a-b": {}},
+           "runs.a.base = 'lite2': unknown key": {"a": {"base": "lite2"}}}
     for message, runs in bad.items():
         with pytest.raises(ParamsError, match=re.escape(message)):
             validate(FinetuneParams, {"runs": runs}, "params.yaml")

@@ -70,3 +70,29 @@ def test_sweep_recipe_is_checked_like_the_train_section(raw):
     assert "sweep.recipes.big" in error_of(raw) and "<= 64" in error_of(raw)
     raw["sweep"] = {"recipes": {"ok": {"head": "bn_linear"}}}
     assert parse_params(raw).sweep.recipe("ok", parse_params(raw).train).head == "bn_linear"
+
+
+def test_each_variant_is_made_by_the_stage_group_it_names(raw):
+    raw["finetune"]["runs"] = {"lite0_ft": {}, "lite0_ft_s1": {"seed": 1}}
+    raw["soup"] = {"lite0_soup": {"kind": "uniform", "runs": ["lite0_ft", "lite0_ft_s1"]}}
+    raw["variants"] = {"lite0": "models", "lite0_ft": "finetuned", "lite0_soup": "soups"}
+    raw["train"]["backbones"] = ["lite0_soup", "lite0"]
+    assert list(parse_params(raw).variants) == ["lite0", "lite0_ft", "lite0_soup"]
+    bad = [({"lite0_ft": "models"}, "variants.lite0_ft = models: models has no 'lite0_ft'"),
+           ({"lite2": "soups"}, "variants.lite2 = soups: soup has no 'lite2'"),
+           ({"x": "elsewhere"}, "variants.x = 'elsewhere'"),
+           ({}, "variants: needs at least one backbone")]
+    for variants, message in bad:
+        with pytest.raises(ParamsError, match=message):
+            parse_params({**raw, "variants": variants})
+    with pytest.raises(ParamsError, match=r"train.backbones \['lite2'\] are not in variants"):
+        parse_params({**raw, "train": {**raw["train"], "backbones": ["lite2"]}})
+    soup = {"lite0_soup": {"kind": "uniform", "runs": ["lite0_ft", "nope"]}}
+    with pytest.raises(ParamsError, match=r"soup.lite0_soup.runs: \['nope'\] are not"):
+        parse_params({**raw, "soup": soup})
+    runs = {"lite2": {}}  # a run named like a built model: which folder would `lite2` be?
+    with pytest.raises(ParamsError, match="finetune.runs.lite2: the name of a models variant"):
+        parse_params({**raw, "finetune": {**raw["finetune"], "runs": runs}})
+    with pytest.raises(ParamsError, match="runs.lite0_ft.base = 'lite2': unknown key"):
+        parse_params({**raw, "finetune": {**raw["finetune"], "runs": {"lite0_ft": {
+            "base": "lite2"}}}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from itertools import combinations
@@ -21,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY_CONFIG
-from flows.soup import SOUPS_DIR, soup
+from flows.soup import soup
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
 from tasks.extract import Embedder, embed_shard, feature_metadata
 from tasks.params.base import ParamsError, load_sections
@@ -32,7 +33,7 @@ from tasks.params.soup import SoupParams, SoupSpec
 from tasks.schemas.features import embeddings_of, read_features
 from tasks.schemas.io import sha256_file, write_json, write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
-from tasks.schemas.paths import MANIFEST, SHARDS_DIR
+from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
 from tasks.schemas.shards import read_split
 from tasks.shard import plan_shards, write_shards
 from tasks.soup import (SoupError, embed_samples, greedy_soup, uniform_soup,
@@ -351,18 +352,21 @@ def test_soup_params_refuse_bad_values_naming_the_key(in_tmp):
         "  soup.extra.weights = [1, 2]: unknown key (a typo?)",
         "  soup.bad/name.[key] = 'bad/name': String should match pattern '^[A-Za-z0-9_]+$'"]
     (in_tmp / "params.yaml").write_text("soup:\n  ok: {kind: greedy, runs: [a, b, c]}\n")
-    assert load_sections({"soup": SoupParams}).soup["ok"].runs == [Path("a"), Path("b"),
-                                                                    Path("c")]
+    assert load_sections({"soup": SoupParams}).soup["ok"].runs == ["a", "b", "c"]
 
 
 def test_soup_flow_writes_uniform_and_greedy_soups(in_tmp, tiny_runs):
     build_shards(in_tmp, validation=range(4, 8), shards=SHARDS_DIR, manifest=MANIFEST)
-    uniform = soup("vit_uniform", SoupSpec(kind="uniform", runs=tiny_runs[:2]), EVALUATE,
+    names = [f"run{i}" for i in range(len(tiny_runs))]  # runs as finetune@<run> leaves them
+    for name, run in zip(names, tiny_runs):
+        shutil.copytree(run, FINETUNED_DIR / name)
+    tiny_runs = [FINETUNED_DIR / name for name in names]
+    uniform = soup("vit_uniform", SoupSpec(kind="uniform", runs=names[:2]), EVALUATE,
                    EXTRACT)
     assert uniform["soup"]["kind"] == "uniform" and len(uniform["soup"]["runs"]) == 2
     assert sha256_file(SOUPS_DIR / "vit_uniform" / WEIGHTS_NAME) == uniform["checkpoint_sha256"]
 
-    greedy = soup("vit_greedy", SoupSpec(kind="greedy", runs=tiny_runs), EVALUATE, EXTRACT)
+    greedy = soup("vit_greedy", SoupSpec(kind="greedy", runs=names), EVALUATE, EXTRACT)
     record = greedy["soup"]["greedy"]
     assert len(record["tries"]) == len(tiny_runs)
     for run in tiny_runs:  # each run's own score is its validation score

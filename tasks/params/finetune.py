@@ -1,7 +1,7 @@
 """`finetune`: backbone fine-tuning runs, each writing a new backbone variant.
 
 The section holds the settings every run shares and `runs`, a dict of named runs, each a
-set of changes to those settings (a seed, an lr, another base or schedule), validated like
+set of changes to those settings (a seed, an lr, a schedule; not the base), validated like
 the section itself. Overrides rather than one class per run because a sweep of five seeds
 should read as five one-line entries, not five copies of fifteen keys, and because it is
 how `sweep.recipes` already changes `train`: one pattern for "a base plus changes".
@@ -92,10 +92,13 @@ def _optional(field) -> tuple[object, None]:
     return Optional[kind], None
 
 
-# The changes one run makes: any FinetuneRun setting, with the same types and bounds, so a
-# bad value names its own key (finetune.runs.<run>.<key>); unknown keys are refused.
+# The changes one run makes: any FinetuneRun setting but `base`, with the same types and
+# bounds, so a bad value names its own key (finetune.runs.<run>.<key>); unknown keys are
+# refused. The base is the section's: dvc.yaml's finetune@<run> depends on exactly that
+# variant's folder (data/00_models/${finetune.base}), and a soup's runs share one base.
 RunChanges = create_model("RunChanges", __base__=_Section,
-                          **{name: _optional(f) for name, f in FinetuneRun.model_fields.items()})
+                          **{name: _optional(f) for name, f in FinetuneRun.model_fields.items()
+                             if name != "base"})
 
 
 class FinetuneParams(FinetuneRun):
@@ -125,12 +128,12 @@ class FinetuneParams(FinetuneRun):
         return FinetuneRun.model_validate({**shared, **changes})
 
 
-def check_runs(finetune: FinetuneParams, variants: list[str]) -> None:
-    """Each run starts from a known variant and does not take a variant's name."""
+def check_runs(finetune: FinetuneParams, models: list[str]) -> None:
+    """The runs start from a built backbone (a `models` key) and take none's name (a name
+    must say which stage group makes a variant)."""
+    if finetune.runs and finetune.base not in models:
+        raise ValueError(f"finetune.base = {finetune.base!r}: allowed are {models} (models)")
     for name in finetune.runs:
-        base = finetune.run(name).base
-        if base not in variants:
-            raise ValueError(f"finetune.runs.{name}.base = {base!r}: allowed are {variants}")
-        if name in variants:
-            raise ValueError(f"finetune.runs.{name}: the name of a models variant; its output "
-                             "would overwrite that variant's folder")
+        if name in models:
+            raise ValueError(f"finetune.runs.{name}: the name of a models variant; a variant "
+                             "name must say which stage group makes it")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
@@ -13,15 +12,15 @@ from tasks.params.base import _Section
 class SoupSpec(_Section):
     """One soup: how it is made and of which runs.
 
-    `runs` are variant folders (open_clip_config.json, open_clip_model.safetensors,
-    model.json, as the models stage writes them), relative to the project root: folders
-    rather than run names, so a soup needs nothing from how or where its runs were trained.
+    `runs` are names of fine-tuning runs (`finetune.runs`), read from their folders in
+    data/00_finetuned/: the folder dvc.yaml's soup@<name> depends on.
     """
 
     # uniform: the mean of every run. greedy (Wortsman et al.): runs ranked by their own
     # validation classes' mP@5, each added only if the soup's strictly rises.
     kind: Literal["uniform", "greedy"]
-    runs: list[Path] = Field(min_length=1)
+    runs: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+$")]] = Field(
+        min_length=1)
     # greedy only: train images the zero-shot PCA of the score is fitted on, a seeded sample
     # (evaluate.seed); null = all of them, as the evaluate stage fits it. Every try embeds
     # them anew, and their JPEGs stay in memory for the stage: cap it on a large train split.
@@ -29,9 +28,8 @@ class SoupSpec(_Section):
 
     @model_validator(mode="after")
     def _runs(self) -> "SoupSpec":
-        if len({p.as_posix() for p in self.runs}) < len(self.runs):
-            raise ValueError(f"runs {[str(p) for p in self.runs]}: a run listed twice would "
-                             "count twice")
+        if len(set(self.runs)) < len(self.runs):
+            raise ValueError(f"runs {self.runs}: a run listed twice would count twice")
         if self.kind == "uniform" and len(self.runs) < 2:
             raise ValueError("a uniform soup needs at least two runs")
         if self.kind == "uniform" and self.pca_fit_images is not None:

@@ -10,6 +10,9 @@ from tasks.params.base import _Section
 
 
 class TrainParams(_Section):
+    # The backbones (names in `variants`) whose features the head concatenates, in this
+    # order; null: every variant, in the order `variants` lists them.
+    backbones: list[str] | None = None
     seed: int = 0
     epochs: int = Field(ge=1)
     batch_size: int = Field(128, ge=2)

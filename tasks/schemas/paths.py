@@ -6,7 +6,9 @@ from pathlib import Path
 
 DATA = Path("data")
 INPUTS_DIR = DATA / "00_inputs"  # fingerprints of what stages read from outside the project
-MODELS_DIR = DATA / "00_models"
+MODELS_DIR = DATA / "00_models"          # backbones built from weights (models@<name>)
+FINETUNED_DIR = DATA / "00_finetuned"    # backbones fine-tuned on the shards (finetune@<run>)
+SOUPS_DIR = DATA / "00_soups"            # weight averages of fine-tuned runs (soup@<name>)
 RAW_DIR = DATA / "01_raw"
 MANIFEST = DATA / "02_sampled" / "manifest.parquet"
 SHARDS_DIR = DATA / "03_shards"
