@@ -18,10 +18,28 @@ from tasks.params.variants import VariantsParams, head_backbones, variant_dir
 from tasks.params.export import ExportParams
 from tasks.preprocess import decode_rgb
 from tasks.schemas.io import write_json
-from tasks.schemas.paths import EXPORT_DIR, HEAD_DIR, SHARDS_DIR
+from tasks.schemas.features import read_features
+from tasks.schemas.paths import EXPORT_DIR, FEATURES_DIR, HEAD_DIR, SHARDS_DIR
 from tasks.heads import embed_with_head, load_head
 
 EMBEDDER = EXPORT_DIR / "embedder.pt2"
+
+
+def check_same_weights(variant: str, info: dict) -> None:
+    """The backbone's weights are the ones its features were embedded with (their sha256 is
+    in both model.json and the features' metadata). dvc.yaml gives `export` the built
+    backbones' folder and every variant's features, not the fine-tuned or soup folders
+    (a dependency on those would need them to exist in every project): a fine-tuned or
+    averaged backbone that changed has new features, so export reruns, and this check
+    makes sure it then reads the weights those features came from."""
+    first = next(iter(sorted((FEATURES_DIR / variant).rglob("*.arrow"))), None)
+    if first is None:
+        raise FileNotFoundError(f"no features of {variant!r} under {FEATURES_DIR}: run extract")
+    _, meta = read_features(first)
+    if meta.get("checkpoint_sha256") != info["checkpoint_sha256"]:
+        raise ValueError(f"{variant}: its features were embedded with weights "
+                         f"{meta.get('checkpoint_sha256', '?')[:12]}, its folder holds "
+                         f"{info['checkpoint_sha256'][:12]}; rerun extract@{variant}")
 
 
 @flow(name="export")
@@ -36,7 +54,8 @@ def export(params: ExportParams, sources: dict[str, str], backbones: list[str]) 
                          "rerun train")
     towers = []
     for v in variants:
-        model, preprocess, _ = load_backbone(variant_dir(v, sources))
+        model, preprocess, info = load_backbone(variant_dir(v, sources))
+        check_same_weights(v, info)
         towers.append((preprocess, model.visual))
     # The first eval (query) images, straight from the shards the pipeline embedded.
     samples = list(islice(read_split(SHARDS_DIR, "query"), params.verify_images))

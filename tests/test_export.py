@@ -127,3 +127,21 @@ def test_embed_cli_indexes_a_folder_and_searches_it(tmp_path, tiny_backbone, cap
     assert len(lines) == 3
     rank, dist, path = lines[0].split("\t")
     assert path == "class_02/img_001.jpg" and float(dist) < 1e-3  # an image finds itself first
+
+
+def test_export_refuses_a_backbone_its_features_did_not_come_from(in_tmp):
+    """export depends on every variant's features, not on the fine-tuned or soup folders:
+    it checks the weights it loads are the ones the features were embedded with."""
+    from flows.export import check_same_weights
+    from tasks.schemas.features import write_features
+    from tasks.schemas.paths import FEATURES_DIR
+
+    meta = {"dim": "2", "model_name": "m", "pretrained": "", "checkpoint_sha256": "a" * 64,
+            "image_size": "8"}
+    write_features(FEATURES_DIR / "soup" / "query" / "query-000000.arrow", ["k"],
+                   np.array([1]), np.ones((1, 2), np.float32), meta)
+    check_same_weights("soup", {"checkpoint_sha256": "a" * 64})
+    with pytest.raises(ValueError, match="rerun extract@soup"):
+        check_same_weights("soup", {"checkpoint_sha256": "b" * 64})
+    with pytest.raises(FileNotFoundError, match="no features of 'other'"):
+        check_same_weights("other", {"checkpoint_sha256": "a" * 64})
