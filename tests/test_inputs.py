@@ -24,6 +24,8 @@ def spec_of(section: str, name: str, raw: dict):
     params[section] = {name: raw}
     if section == "sources":
         params["sample"]["num_classes"] = {name: "all"}
+    if section == "models":  # the only backbone, so the one embedded
+        params["variants"] = {name: "models"}
     return getattr(parse_params(params), section)[name]
 
 
