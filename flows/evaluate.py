@@ -98,6 +98,7 @@ def evaluate(variants: list[str], backbones: list[str], params: EvaluateParams) 
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: evaluate(list(p.variants), head_backbones(p.variants, p.train),
+    main(lambda p, _key: evaluate(list(p.variants), head_backbones(p.variants,
+                                                                p.train.get("backbones")),
                                   p.evaluate),
          {"variants": VariantsParams, "train": NAMES, "evaluate": EvaluateParams})

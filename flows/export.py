@@ -82,5 +82,6 @@ def export(params: ExportParams, sources: dict[str, str], backbones: list[str]) 
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: export(p.export, dict(p.variants), head_backbones(p.variants, p.train)),
+    main(lambda p, _key: export(p.export, dict(p.variants),
+                                head_backbones(p.variants, p.train.get("backbones"))),
          {"variants": VariantsParams, "train": NAMES, "export": ExportParams})

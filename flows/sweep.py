@@ -63,7 +63,7 @@ if __name__ == "__main__":
             check_recipes(p.sweep, p.train)
         except ValueError as exc:
             raise ParamsError(f"params.yaml: {exc}") from None
-        sweep(head_backbones(p.variants, {"backbones": p.train.backbones}), p.train,
+        sweep(head_backbones(p.variants, p.train.backbones), p.train,
               p.evaluate, p.sweep)
 
     main(run, {"variants": VariantsParams, "train": TrainParams, "evaluate": EvaluateParams,

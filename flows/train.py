@@ -37,6 +37,6 @@ def train(variants: list[str], params: TrainParams) -> dict:
 
 
 if __name__ == "__main__":
-    main(lambda p, _key: train(head_backbones(p.variants, {"backbones": p.train.backbones}),
+    main(lambda p, _key: train(head_backbones(p.variants, p.train.backbones),
                                p.train),
          {"variants": VariantsParams, "train": TrainParams})

@@ -144,18 +144,23 @@ def load_concat(variants: list[str], split: str, root: Path = FEATURES_DIR) -> S
     return map_concat(variants, split, root).load()
 
 
+def seeded_rows(total: int, count: int, seed: int) -> np.ndarray:
+    """`count` distinct row indices of `total`, drawn by numpy's generator seeded `seed`, in
+    ascending order: the fixed samples the monitor, early stopping and the PCA fit take."""
+    return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+
+
 def train_rows_for_fit(variants: list[str], max_rows: int, seed: int,
                        root: Path = FEATURES_DIR) -> np.ndarray:
     """Train features to fit a transform (a PCA) on: every row while there are at most
     `max_rows` (one backbone's as stored, several per-backbone normalised and concatenated),
     else a seeded sample of `max_rows`, read from the memory-mapped files alone."""
     mapped = map_concat(variants, "train", root)
-    if len(mapped) <= max_rows:
-        single = len(variants) == 1
-        return (load_variant_split(variants[0], "train", root) if single else mapped.load()
-                ).embeddings
-    pick = np.sort(np.random.default_rng(seed).choice(len(mapped), max_rows, replace=False))
-    return mapped.rows(pick)
+    if len(mapped) > max_rows:
+        return mapped.rows(seeded_rows(len(mapped), max_rows, seed))
+    if len(variants) == 1 and len(mapped):  # as stored: what load_variant_split gives
+        return np.concatenate(mapped.variants[0].shards)
+    return mapped.load().embeddings
 
 
 def available_memory_bytes() -> int:

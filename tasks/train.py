@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
-                            load_concat, load_or_map, read_manifest, select)
+                            load_concat, load_or_map, read_manifest, seeded_rows, select)
 from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
                          embed_with_head)
 from tasks.metrics import mean_precision_at_k
@@ -131,9 +131,8 @@ def _selection_sample(validation: GroupData | None, params: TrainParams) -> Grou
     if (validation is None or not params.selection_queries
             or len(validation.query.keys) <= params.selection_queries):
         return validation
-    pick = np.random.default_rng(params.seed).choice(
-        len(validation.query.keys), params.selection_queries, replace=False)
-    keep = np.isin(np.arange(len(validation.query.keys)), pick)
+    count = len(validation.query.keys)
+    keep = np.isin(np.arange(count), seeded_rows(count, params.selection_queries, params.seed))
     return replace(validation, query=select(validation.query, keep))
 
 
@@ -200,8 +199,8 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     if params.monitor_queries and known.sum() > params.monitor_queries:
         # the monitor searches its queries against the whole train split every epoch: a
         # fixed sample keeps that linear in the train split (numpy's generator, not torch's)
-        keep = np.random.default_rng(params.seed).choice(
-            np.flatnonzero(known), params.monitor_queries, replace=False)
+        candidates = np.flatnonzero(known)
+        keep = candidates[seeded_rows(len(candidates), params.monitor_queries, params.seed)]
         known = np.isin(np.arange(len(known)), keep)
     validation = _selection_sample(validation, params)
     xv = torch.from_numpy(val.embeddings[known]) if len(val.keys) else torch.zeros(0, dim)

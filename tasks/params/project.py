@@ -73,7 +73,7 @@ class Params(_Section):
                            "soups": "soup"}[source]
                 raise ValueError(f"variants.{name} = {source}: {section} has no {name!r}; "
                                  f"it has {sorted(made[source])}")
-        head_backbones(self.variants, {"backbones": self.train.backbones})
+        head_backbones(self.variants, self.train.backbones)
         built = [n for names in made.values() for n in names]
         clash = sorted({n for n in built if built.count(n) > 1})
         if clash:

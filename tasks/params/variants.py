@@ -16,7 +16,7 @@ train: {backbones: [lite0_soup, lite2]}
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import StringConstraints
 
@@ -39,10 +39,9 @@ def variant_dir(name: str, variants: dict[str, str]) -> Path:
     return SOURCE_DIRS[variants[name]] / name
 
 
-def head_backbones(variants: dict[str, str], train: dict[str, Any]) -> list[str]:
-    """The backbones the head concatenates, in order: `train.backbones`, or every variant.
-    `train` is the raw section: the stages that only need this list don't validate it."""
-    chosen = train.get("backbones")
+def head_backbones(variants: dict[str, str], chosen: list[str] | None) -> list[str]:
+    """The backbones the head concatenates, in order: `chosen` (`train.backbones`), or every
+    variant when it is None."""
     names = list(variants) if chosen is None else list(chosen)
     if not names:
         raise ParamsError("no backbones: params.yaml `variants` (or train.backbones) is empty")
