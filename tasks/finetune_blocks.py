@@ -115,13 +115,23 @@ def _target(visual: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
     return obj  # type: ignore[return-value]
 
 
+def freeze_batchnorm_statistics(module: nn.Module) -> None:
+    """Every BatchNorm under `module` to eval mode: it normalises with its running statistics
+    and no longer updates them; its affine weight and bias still get gradients."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.eval()
+
+
 def configure(model: nn.Module, parts: TowerParts, heads: list[nn.Module], run: FinetuneRun,
               phase: str) -> list[dict]:
     """Freeze and unfreeze for `phase`; returns the optimizer's param groups (name, lr).
 
     Frozen parameters get requires_grad False and are in no group, and frozen modules are
     put in eval mode, so their BatchNorm statistics stay as they were too: a frozen part
-    leaves the run bit-equal. The text tower and everything outside `visual` never train.
+    leaves the run bit-equal. With `batchnorm: frozen` the training parts' BatchNorm layers
+    are in eval mode too (their statistics stay the base's; their scale and shift learn).
+    The text tower and everything outside `visual` never train.
     """
     lrs = part_lrs(parts, run, phase)
     model.eval()
@@ -135,6 +145,8 @@ def configure(model: nn.Module, parts: TowerParts, heads: list[nn.Module], run: 
             target = _target(model.visual, path)
             if isinstance(target, nn.Module):
                 target.train().requires_grad_(True)
+                if run.batchnorm == "frozen":
+                    freeze_batchnorm_statistics(target)
                 params += list(target.parameters())
             elif isinstance(target, nn.Parameter):
                 target.requires_grad_(True)

@@ -150,6 +150,23 @@ def test_last_blocks_keeps_frozen_efficientnet_blocks_batchnorm_statistics(world
     assert changed(before, after) & trainable_entries(before) == want
 
 
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_frozen_batchnorm_keeps_the_base_statistics_while_scale_and_shift_learn(
+        world, tmp_path, batchnorm):
+    """`batchnorm: frozen`: every running mean and variance of the trained tower equals the
+    base's, bit for bit, while the BatchNorm weights and biases change; `train` changes them."""
+    tune(world, tmp_path, tower="efficientnet", schedule="end_to_end", epochs=1,
+         batchnorm=batchnorm)
+    before, after = tower_state(world["efficientnet"]), tower_state(tmp_path / "out")
+    stats = {k for k in before if k.startswith("visual.")
+             and k.endswith((".running_mean", ".running_var"))}
+    affine = {k.rsplit(".", 1)[0] + suffix for k in stats for suffix in (".weight", ".bias")}
+    assert len(stats) > 20 and affine <= before.keys()
+    moved = changed(before, after)
+    assert affine <= moved
+    assert (moved & stats) == (set() if batchnorm == "frozen" else stats)
+
+
 def test_head_then_backbone_trains_the_head_alone_then_the_backbone_alone(world, tmp_path):
     """After phase one (read from its checkpoint) the tower is the base's, bit for bit; the
     backbone phase then changes every tower part and leaves head and ArcFace centres be."""

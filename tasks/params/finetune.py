@@ -59,6 +59,11 @@ class FinetuneRun(_Section):
     layer_decay: float = Field(0.7, gt=0.0, le=1.0)
     # last_blocks only: the share of the blocks that train, the last ones, rounded up.
     trainable_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    # BatchNorm in the parts that train (EfficientNet; a ViT has none): `train` re-estimates
+    # its running statistics from each batch, as a module in train mode does; `frozen` keeps
+    # the base's statistics (eval-mode BatchNorm) while its scale and shift still learn, the
+    # usual choice when batches are small or the set is small beside the pretraining data.
+    batchnorm: Literal["train", "frozen"] = "train"
     # Share of each phase's optimizer steps with a linear warm-up, then a half cosine to 0.
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
