@@ -187,7 +187,8 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     tower_parts(model.visual)  # refuse an unknown tower before any work
     torch.manual_seed(run.seed)
     head = EmbeddingHead(int(info["dim"]), run.embedding_dim, dropout=0.0)
-    arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin)
+    arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin,
+                  subcenters=run.subcenters)
     model, head, arc = model.to(device), head.to(device), arc.to(device)
     generator = torch.Generator().manual_seed(run.seed)
     history: list[dict[str, Any]] = []
@@ -208,10 +209,11 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             if resume is not None and resume["phase"] == phase:
                 trainer.load_state_dict(resume)
             resume = None
+        arc.margins.fill_(run.margin(epoch))
         loss = trainer.epoch(epoch_groups(len(samples), run, generator), load)
         lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
-                        "classes": len(classes), "lr": lrs})
+                        "classes": len(classes), "lr": lrs, "margin": run.margin(epoch)})
         save_checkpoint(cache, {
             "visual": model.visual.state_dict(), "head": head.state_dict(),
             "arc": arc.state_dict(), "trainer": trainer.state_dict(),

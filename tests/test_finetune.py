@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -192,6 +193,34 @@ def test_head_then_backbone_trains_the_head_alone_then_the_backbone_alone(world,
     torch.manual_seed(0)  # the head as the run initialised it: it did train in phase one
     initial = EmbeddingHead(16, 64, dropout=0.0).state_dict()
     assert changed(dict(initial), at_epoch_one["head"]) == set(initial)
+
+
+def test_the_margin_rises_each_epoch_by_its_step_and_subcentres_give_k_centres_a_class(
+        world, tmp_path):
+    """Epoch k's checkpoint holds margin 0.3 + 0.2 (k - 1) for every class; epoch 1 (same
+    margin) leaves the same bytes as a run without a step, epoch 2 does not; 3 sub-centres
+    give 4 classes 12 centres."""
+    grabbed: dict[str, list[dict]] = {"flat": [], "rising": []}
+
+    def grab(into):
+        def hook(row):
+            [path] = (tmp_path / into / "cache").glob("*/checkpoint.pt")
+            grabbed[into].append(load_checkpoint(path.parent))
+        return hook
+
+    for name, step in (("flat", 0.0), ("rising", 0.2)):
+        result = tune(world, tmp_path / name, progress=grab(name), epochs=2, margin_step=step,
+                      subcenters=3)
+        margins = [row["margin"] for row in result.history]
+        assert margins == pytest.approx([0.3, 0.3 + step])
+    for epoch, state in enumerate(grabbed["rising"], start=1):
+        assert torch.allclose(state["arc"]["margins"], torch.full((4,), 0.3 + 0.2 * (epoch - 1)))
+        assert state["arc"]["weight"].shape == (4 * 3, 64)
+    flat, rising = grabbed["flat"], grabbed["rising"]
+    assert not changed(flat[0]["visual"], rising[0]["visual"])
+    assert changed(flat[1]["visual"], rising[1]["visual"])
+    with pytest.raises(ValidationError, match="margin_step"):
+        FinetuneRun(epochs=5, arcface_margin=0.5, margin_step=0.3)
 
 
 def test_layerwise_lrs_follow_the_closed_form_by_depth(world):

@@ -71,6 +71,11 @@ class FinetuneRun(_Section):
     embedding_dim: int = Field(64, ge=2, le=64)
     arcface_scale: float = Field(30.0, gt=0.0)
     arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+    # Added to the margin at each epoch after the first (2nd place raised its margin every
+    # epoch): epoch k trains at arcface_margin + (k - 1) * margin_step.
+    margin_step: float = Field(0.0, ge=0.0)
+    # Centres a class (sub-center ArcFace, 2nd place: a class scores by its closest one).
+    subcenters: int = Field(1, ge=1)
     seed: int = 0
     # auto: the GPU when torch sees one, else the CPU; cpu; cuda; cuda:N.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -88,7 +93,14 @@ class FinetuneRun(_Section):
         if self.schedule == "head_then_backbone" and self.head_epochs >= self.epochs:
             raise ValueError(f"head_epochs = {self.head_epochs} leaves no epoch of the "
                              f"{self.epochs} for the backbone: make it < epochs")
+        if self.margin(self.epochs) >= 1.5:
+            raise ValueError(f"margin_step = {self.margin_step} raises the margin to "
+                             f"{self.margin(self.epochs):g} by epoch {self.epochs}: keep it < 1.5")
         return self
+
+    def margin(self, epoch: int) -> float:
+        """ArcFace's margin during epoch `epoch` (from 1)."""
+        return self.arcface_margin + (epoch - 1) * self.margin_step
 
 
 def _optional(field) -> tuple[object, None]:
