@@ -1,21 +1,26 @@
-"""The `2xclip` preset end to end through the real `dvc repro`, on miniature data, on this machine.
+"""A network preset end to end through the real `dvc repro`, on miniature data, on this machine.
 
 Builds a temporary git + DVC project from this one's files (flows/, tasks/,
 presets/, dvc.yaml, params.yaml, .dvc/plots), runs `python -m flows.preset
-2xclip` in it, then points the preset's four sources at miniature copies of
+<preset>` in it, then points the preset's four sources at miniature copies of
 their published layouts (tests/miniatures.py), each source keeping its kind:
 the two kaggle:// competitions as local copies of the zips Kaggle serves,
 Products-10K as a local folder, RP2K as its local zip. Only sizes shrink
 (classes, images per class, epochs, batches, shard size: "shrunk" in the
 output gives each value and the preset's); the backbones stay the preset's
-two real ViT-L architectures, with random-init weights placed in a private
-Hugging Face cache (tests/hf_cache.py) that the `models` stage reads offline.
+real architectures, with random-init weights placed in a private Hugging Face
+cache (tests/hf_cache.py) that the `models` stage reads offline. Presets:
+`2xclip` (two ViT-L) and `finetune_vit_h14_seed004` (ViT-H-14 fine-tuned as four
+seeds, then their uniform soup, which the head trains on and export ships).
 Then it times each stage of `dvc repro` (from DVC's "Running stage" lines),
 checks that a second `dvc repro` runs nothing and that `dvc plots show
 --json` reports no errors, and prints one JSON object. Any failure exits
-non-zero. Needs about 15 GB free under the temp dir (several checkpoint copies).
-Run on demand: `python benchmarks/preset_2xclip.py [--keep DIR]` (DIR: build
-the project there and keep it; otherwise it is deleted).
+non-zero. The project's DVC cache hardlinks its outputs (`cache.type`), so a
+checkpoint is on disk once, not twice; still, 2xclip needs about 15 GB free
+under the temp dir and the ViT-H preset about 40 GB (six 3.9 GB backbones, a
+7.5 GB resumable checkpoint while a run trains).
+Run on demand: `python benchmarks/preset_e2e.py [--preset NAME] [--keep DIR]`
+(DIR: build the project there and keep it; otherwise it is deleted).
 """
 
 from __future__ import annotations
@@ -31,39 +36,68 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import polars as pl
 import torch
 import yaml
+from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 import miniatures  # noqa: E402  (tests/: the datasets' layouts)
 from hf_cache import place_weights  # noqa: E402  (tests/: random weights in an HF cache)
 from orchestration import start_server  # noqa: E402  (one shared Prefect server)
+from tasks.backbone import WEIGHTS_NAME  # noqa: E402
 
 BIN = Path(sys.executable).parent
-PRESET = "2xclip"
 PROJECT_FILES = ["flows", "tasks", "presets", "dvc.yaml", "params.yaml", ".gitignore"]
-CLASSES = 5  # per source
-# (section, key) -> the value this run uses instead of the preset's
-SHRINK = {
-    ("sample", "num_classes"): dict.fromkeys(("imagenet", "landmarks", "products10k", "rp2k"),
-                                             CLASSES),
-    ("sample", "samples"): 8,
-    ("sample", "val_fraction"): 0.125,  # 5 of 55 images a class for val: 1 of 8 keeps one
-    ("sample", "eval_fraction"): 0.2,  # 0.02 of 5 classes holds none out: 1 of 5 per source
-    ("shard", "max_samples"): 32,
-    ("extract", "batch_size"): 16,
-    ("train", "epochs"): 3,
-    ("train", "step_epochs"): 1,  # x0.1 after 1/3 and 2/3 of training, as 100 of 300 epochs
+SOURCES = ("imagenet", "landmarks", "products10k", "rp2k")
+
+
+@dataclass(frozen=True)
+class Miniature:
+    """How far a preset shrinks: classes per source, and (section, key) -> this run's value
+    instead of the preset's (a dotted key reaches into a section's dict)."""
+
+    classes: int
+    shrink: dict[tuple[str, str], object]
+
+
+PRESETS = {
+    "2xclip": Miniature(5, {
+        ("sample", "num_classes"): dict.fromkeys(SOURCES, 5),
+        ("sample", "samples"): 8,
+        ("sample", "val_fraction"): 0.125,  # 5 of 55 images a class for val: 1 of 8 keeps one
+        ("sample", "eval_fraction"): 0.2,  # 0.02 of 5 classes holds none out: 1 of 5 a source
+        ("shard", "max_samples"): 32,
+        ("extract", "batch_size"): 16,
+        ("train", "epochs"): 3,
+        ("train", "step_epochs"): 1,  # x0.1 after 1/3 and 2/3 of training, as 100 of 300 epochs
+    }),
+    # ViT-H-14 trains at several seconds an image on 2 CPU cores, four times over: 3 classes
+    # a source (2 train, 1 held out), 4 images a class, so each run sees 24 train images in
+    # 3 optimizer steps of 4 accumulated batches of 2 (the preset: 4 of 64).
+    "finetune_vit_h14_seed004": Miniature(3, {
+        ("sample", "num_classes"): dict.fromkeys(SOURCES, 3),
+        ("sample", "samples"): 4,
+        ("sample", "val_fraction"): 0.25,  # 1 of 4 images a class for val
+        ("sample", "eval_fraction"): 0.34,  # 1 of 3 classes a source held out
+        ("shard", "max_samples"): 16,
+        ("extract", "batch_size"): 8,
+        ("extract", "num_workers"): 2,
+        ("finetune", "batch_size"): 2,
+        ("finetune", "accumulate"): 4,
+        ("train", "epochs"): 2,
+        ("train", "batch_size"): 16,
+    }),
 }
 
 
 def fail(message: str) -> None:
-    print(f"preset_2xclip: FAILED: {message}", file=sys.stderr)
+    print(f"preset_e2e: FAILED: {message}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -87,17 +121,17 @@ def distinct_images(dataset: int) -> Iterator[None]:
         miniatures._img = image
 
 
-def miniature_sources(root: Path) -> dict[str, dict]:
+def miniature_sources(root: Path, classes: int) -> dict[str, dict]:
     """The four datasets as published, in miniature; `sources` entries of the preset's kinds."""
     stage = root / "staging"
     with distinct_images(1):
-        miniatures.imagenet(stage / "imagenet", classes=CLASSES + 1, per_class=10)
+        miniatures.imagenet(stage / "imagenet", classes=classes + 1, per_class=10)
     with distinct_images(2):
         miniatures.landmarks(stage / "glr", sizes=(10, 9, 9, 8, 8, 6, 3, 1))
     with distinct_images(3):
         miniatures.rp2k(stage / "rp2k", per_class=10)
     with distinct_images(4):
-        miniatures.products10k(root / "products10k", classes=CLASSES + 1, per_class=10)
+        miniatures.products10k(root / "products10k", classes=classes + 1, per_class=10)
     uris = {
         "imagenet": miniatures.zip_dir(stage / "imagenet",
                                        root / "imagenet-object-localization-challenge.zip"),
@@ -109,14 +143,14 @@ def miniature_sources(root: Path) -> dict[str, dict]:
     return {name: {"kind": name, "uri": str(uri)} for name, uri in uris.items()}
 
 
-def configure(repo: Path, data: Path) -> dict:
+def configure(repo: Path, data: Path, mini: Miniature) -> dict:
     """Shrink the preset's sizes and swap its sources; returns what changed, from what."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     changed = {}
-    for (section, key), value in SHRINK.items():
+    for (section, key), value in mini.shrink.items():
         changed[f"{section}.{key}"] = {"preset": params[section][key], "run": value}
         params[section][key] = value
-    sources = miniature_sources(data)
+    sources = miniature_sources(data, mini.classes)
     for name, entry in sources.items():
         was = params["sources"][name]
         assert was["kind"] == entry["kind"], (was, entry)
@@ -126,7 +160,7 @@ def configure(repo: Path, data: Path) -> dict:
     return changed
 
 
-def make_project(repo: Path, env: dict) -> None:
+def make_project(repo: Path, env: dict, preset: str) -> None:
     repo.mkdir(parents=True)
     for name in PROJECT_FILES:
         if (REPO / name).is_dir():
@@ -135,8 +169,11 @@ def make_project(repo: Path, env: dict) -> None:
             shutil.copy(REPO / name, repo / name)
     sh(["git", "init", "-q"], repo, env)
     sh([str(BIN / "dvc"), "init", "-q"], repo, env)
+    # One copy of each output on disk, not two (cache + workspace): the ViT-H preset's six
+    # backbones are 3.9 GB each. DVC then keeps outputs read-only, as a user's might be.
+    sh([str(BIN / "dvc"), "config", "cache.type", "hardlink,copy"], repo, env)
     shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates
-    sh([sys.executable, "-m", "flows.preset", PRESET], repo, env)
+    sh([sys.executable, "-m", "flows.preset", preset], repo, env)
 
 
 def repro(repo: Path, env: dict, log: Path) -> tuple[dict[str, float], float]:
@@ -175,7 +212,37 @@ def image_counts(repo: Path) -> dict:
             "rejected": pl.read_parquet(repo / "data/03_shards/rejects.parquet").height}
 
 
-def run(work: Path) -> dict:
+def made_variants(repo: Path) -> dict[str, dict]:
+    """What each fine-tuning run and soup wrote (from its model.json); for a soup, whether
+    a few of its tensors are the mean of its runs' (read lazily: ViT-H runs are 3.9 GB)."""
+    made = {}
+    for folder in sorted([*repo.glob("data/00_finetuned/*"), *repo.glob("data/00_soups/*")]):
+        info = read_json(folder / "model.json")
+        keep = ("pretrained", "schedule", "epochs_done", "loss")
+        entry = made[folder.name] = {k: info[k] for k in keep if k in info}
+        entry["sha256"] = info["checkpoint_sha256"][:16]
+        if "soup" in info:
+            runs = [repo / run["path"] for run in info["soup"]["runs"]]
+            entry["soup_of"] = [run.name for run in runs]
+            entry["max_abs_diff_from_mean_of_runs"] = soup_gap(folder, runs)
+    return made
+
+
+def soup_gap(soup: Path, runs: list[Path]) -> float:
+    """max |soup - mean(runs)| over three of the image tower's tensors (first, middle, last)."""
+    with safe_open(soup / WEIGHTS_NAME, "pt") as f:
+        names = [k for k in f.keys() if k.startswith("visual.")]
+        names = [names[0], names[len(names) // 2], names[-1]]
+        got = {k: f.get_tensor(k).double() for k in names}
+    total = dict.fromkeys(names, 0.0)
+    for run in runs:
+        with safe_open(run / WEIGHTS_NAME, "pt") as f:
+            for k in names:
+                total[k] = total[k] + f.get_tensor(k).double()
+    return max(float((got[k] - total[k] / len(runs)).abs().max()) for k in names)
+
+
+def run(work: Path, preset: str) -> dict:
     wall, load = time.perf_counter(), os.getloadavg()  # > cpus: others share the machine
     repo, hf_home, log = work / "project", work / "hf_home", work / "repro.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -183,13 +250,13 @@ def run(work: Path) -> dict:
                PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1",
                HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="b",
                GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
-    make_project(repo, env)
-    shrunk = configure(repo, work / "datasets")
+    make_project(repo, env, preset)
+    shrunk = configure(repo, work / "datasets", PRESETS[preset])
     models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
     for spec in models.values():  # the preset's (arch, tag)s, random-init
         place_weights(hf_home, spec["arch"], spec["pretrained"])
     sh(["git", "add", "-A"], repo, env)
-    sh(["git", "commit", "-qm", f"{PRESET}, miniature"], repo, env)
+    sh(["git", "commit", "-qm", f"{preset}, miniature"], repo, env)
     setup_s = round(time.perf_counter() - wall, 1)
     server, url = start_server(env)
     try:
@@ -207,7 +274,7 @@ def run(work: Path) -> dict:
     if plots.get("errors"):
         fail(f"`dvc plots show --json` reports errors: {plots['errors']}")
     return {
-        "preset": PRESET,
+        "preset": preset,
         "models": {name: {**spec, "weights": "random-init, offline HF cache"}
                    for name, spec in models.items()},
         "data": "miniatures of the published layouts (tests/miniatures.py); the kaggle:// "
@@ -222,6 +289,7 @@ def run(work: Path) -> dict:
         "metrics": {"train": read_json(repo / "data/05_head/metrics.json"),
                     "evaluate": read_json(repo / "data/06_eval/metrics.json")},
         "export": read_json(repo / "data/07_export/embedder.json"),
+        "made_variants": made_variants(repo),
         "plots": sorted(plots.get("data", {})),
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -232,14 +300,16 @@ def run(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="2xclip")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="build it in DIR and keep it")
     args = parser.parse_args()
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         fail(f"--keep {args.keep}: not empty")
-    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="preset_2xclip_"))
+    work = (args.keep.resolve() if args.keep
+            else Path(tempfile.mkdtemp(prefix=f"preset_{args.preset}_")))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(work)
+        result = run(work, args.preset)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
