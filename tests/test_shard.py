@@ -9,6 +9,7 @@ import json
 import math
 import pickle
 import shutil
+import tarfile
 import zlib
 
 import numpy as np
@@ -28,6 +29,7 @@ from tasks.params.shard import ShardParams
 from tasks.schemas.io import write_table
 from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import MANIFEST, RAW_DIR, SHARDS_DIR
+from tasks.schemas.shards import index_shard
 from tasks.shard import ShardError, plan_shards, shard_index, write_shard, write_shards
 
 
@@ -192,6 +194,33 @@ def test_shards_round_trip_through_webdataset_and_record_rejects(tmp_path):
         assert cls == by_key[key]["class_id"] and meta["path"] == by_key[key]["path"]
     assert index["__kind__"] == "wids-shard-index-v1"
     assert all(len(e["sha256"]) == 64 for e in index["shardlist"])
+
+
+def test_sample_references_read_the_bytes_webdataset_reads_and_refuse_damage(tmp_path):
+    """index_shard (tar headers, no bytes held) against WebDataset's own reader: same keys,
+    classes and JPEG bytes in the same order; a shortened tar and a sample without its
+    .cls member are refused by name."""
+    manifest = manifest_with(tmp_path, {f"g{i}.jpg": jpeg_bytes(i) for i in range(7)})
+    index, _ = write_all(tmp_path, manifest)
+    for entry in index["shardlist"]:
+        url = tmp_path / "shards" / entry["url"]
+        reference = list(wds.WebDataset(str(url), shardshuffle=False, empty_check=False)
+                         .to_tuple("__key__", "cls", "jpg"))
+        refs = index_shard(url)
+        assert [(r.key, r.class_id) for r in refs] == [(k, int(c)) for k, c, _ in reference]
+        assert [r.read() for r in reversed(refs)] == [j for _, _, j in reversed(reference)]
+    last = refs[-1]
+    data = last.shard.read_bytes()
+    last.shard.write_bytes(data[:last.offset + last.size // 2])
+    with pytest.raises(ValueError, match="ends early"):
+        last.read()
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as tar:
+        member = tarfile.TarInfo("k1.jpg")
+        member.size = 3
+        tar.addfile(member, io.BytesIO(b"abc"))
+    with pytest.raises(ValueError, match="'k1' lacks its .cls member"):
+        index_shard(broken)
 
 
 def test_shards_are_byte_reproducible(tmp_path):

@@ -1,12 +1,15 @@
 """The shards (`shard`, data/03_shards): how they are read, and the images left out, with why.
 
 WebDataset tars per split listed in index.json (wids layout); every reader of the shards
-goes through `read_index`, `read_shard` and `read_split`.
+goes through `read_index`, `read_shard` and `read_split`, or, to read images one at a time
+in any order without holding a split's bytes in memory, `index_split` and `SampleRef.read`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,12 +41,70 @@ class Sample:
 
 def read_shard(url: str | Path) -> list[Sample]:
     """All samples of one tar, in stored order, as raw bytes (decoding happens in workers)."""
-    stream = wds.WebDataset(str(url), shardshuffle=False, empty_check=False).to_tuple("__key__", "cls", "jpg")
-    return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg) for key, cls, jpg in stream]
+    stream = wds.WebDataset(str(url), shardshuffle=False, empty_check=False)
+    return [Sample(key, int(cls.decode() if isinstance(cls, bytes) else cls), jpg)
+            for key, cls, jpg in stream.to_tuple("__key__", "cls", "jpg")]
+
+
+# WebDataset's split of a member name into sample key and field (`base_plus_ext`): the key
+# runs to the first dot of the file name.
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's JPEG lies in its tar: read on demand, in any order."""
+
+    key: str
+    class_id: int
+    shard: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with self.shard.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise ValueError(f"{self.shard}: {self.key}.jpg ends early ({len(data)} of "
+                             f"{self.size} bytes): the shard changed after it was indexed")
+        return data
+
+
+def index_shard(url: str | Path) -> list[SampleRef]:
+    """The samples of one tar (key, class, where its JPEG's bytes are), in stored order,
+    from the tar's headers and `.cls` members only. A sample without both is refused."""
+    fields: dict[str, dict[str, object]] = {}
+    with tarfile.open(url, mode="r:") as tar:
+        for member in tar:
+            found = _MEMBER.match(member.name) if member.isfile() else None
+            if found is None:
+                continue
+            key, ext = found.groups()
+            entry = fields.setdefault(key, {})
+            if ext == "cls":
+                entry["cls"] = int(tar.extractfile(member).read().decode())
+            elif ext == "jpg":
+                entry["jpg"] = (member.offset_data, member.size)
+    refs = []
+    for key, entry in fields.items():
+        if "cls" not in entry or "jpg" not in entry:
+            raise ValueError(f"{url}: sample {key!r} lacks its "
+                             f"{'.cls' if 'cls' not in entry else '.jpg'} member")
+        offset, size = entry["jpg"]
+        refs.append(SampleRef(key, entry["cls"], Path(url), offset, size))
+    return refs
+
+
+def index_split(shards_dir: Path, split: str) -> Iterator[SampleRef]:
+    """`read_split`'s samples, in its order, as references instead of bytes."""
+    for entry in shards_of_split(read_index(shards_dir), split):
+        yield from index_shard(shards_dir / entry["url"])
 
 
 def read_index(shards_dir: Path) -> dict:
-    """The shard stage's index.json (wids shape: `shardlist` of url, nsamples, name, split, sha256)."""
+    """The shard stage's index.json (wids shape: `shardlist` of url, nsamples, name, split,
+    sha256)."""
     return json.loads((shards_dir / SHARD_INDEX).read_text())
 
 
