@@ -19,7 +19,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +28,16 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
+from tasks.decode import decode_pool
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
-from tasks.finetune_state import (cache_key, load_checkpoint, restore_rng, rng_state,
-                                  run_folder, save_checkpoint, training_images)
+from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
+                                  rng_state, run_folder, save_checkpoint, training_images)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
 from tasks.params.finetune import FinetuneRun
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
-from tasks.schemas.shards import Sample
+from tasks.schemas.shards import SampleRef
 from tasks.schedules import deterministic, warmup_cosine
 
 
@@ -59,6 +60,8 @@ class FinetuneResult:
     head: nn.Module
     history: list[dict[str, Any]]
     checkpoints: Path  # the run's checkpoint folder (removed once the output is written)
+    device: str  # where it trained: cpu | cuda
+    precision: str  # what the tower computed in (fp32 on the CPU whatever `precision` says)
 
 
 def make_optimizer(model: nn.Module, heads: list[nn.Module], run: FinetuneRun,
@@ -102,10 +105,11 @@ class _Trainer:
         emb = self.head(F.normalize(feats.float(), dim=-1))
         return self.arc(emb, labels.to(self.device))
 
-    def epoch(self, groups: Iterable[list[torch.Tensor]],
-              load: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step per group of `accumulate` batches (rows of the training set,
-        each decoded by `load` only when its turn comes); returns the mean loss.
+    def epoch(self, groups: list[list[torch.Tensor]],
+              batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step per group of `accumulate` batches (rows of the training set;
+        `batches` yields each one's images and labels, in the groups' order); returns the
+        mean loss.
 
         Each batch's loss is weighted by its share of its group's images, so the summed
         gradients are those of one batch of the whole group (a short last group too).
@@ -114,7 +118,7 @@ class _Trainer:
         for group in groups:
             size = sum(len(idx) for idx in group)
             for idx in group:
-                loss = self.loss(*load(idx))
+                loss = self.loss(*next(batches))
                 self.scaler.scale(loss * (len(idx) / size)).backward()
                 total_loss, images = total_loss + loss.item() * len(idx), images + len(idx)
             self.scaler.step(self.opt)
@@ -134,14 +138,38 @@ def epoch_groups(images: int, run: FinetuneRun,
         yield cuts[g:g + run.accumulate]
 
 
-def batch_loader(samples: list[Sample], labels: torch.Tensor, preprocess: Preprocess,
-                 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """rows -> (images decoded and preprocessed as extraction does, their labels)."""
-    def load(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            x = torch.cat([preprocess(decode_rgb(samples[i].jpeg)[None]) for i in idx.tolist()])
-        return x, labels[idx]
-    return load
+class _Jpegs(Sequence[bytes]):
+    """The JPEG bytes of samples, each read from its shard only when asked for."""
+
+    def __init__(self, refs: list[SampleRef]):
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):  # an int or a slice, as the decode pool asks
+        return [r.read() for r in self.refs[i]] if isinstance(i, slice) else self.refs[i].read()
+
+
+def epoch_batches(samples: list[SampleRef], labels: torch.Tensor, cuts: list[torch.Tensor],
+                  preprocess: Preprocess, workers: int, pin: bool,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each batch of rows in `cuts`, in order: decoded and preprocessed
+    as extraction does, by `workers` processes of its decode pool ahead of the model (0: in
+    this process, one batch at a time). The bytes are read as the batches come."""
+    if workers == 0:
+        for idx in cuts:
+            with torch.no_grad():
+                x = torch.cat([preprocess(decode_rgb(samples[i].read())[None])
+                               for i in idx.tolist()])
+            yield x, labels[idx]
+        return
+    rows = torch.cat(cuts).tolist()
+    batch_size = max(len(idx) for idx in cuts)  # every cut but the last has this many rows
+    images = decode_pool(preprocess, workers).batches(
+        _Jpegs([samples[i] for i in rows]), batch_size, pin)
+    for idx, x in zip(cuts, images, strict=True):
+        yield x, labels[idx]
 
 
 def steps_per_epoch(images: int, run: FinetuneRun) -> int:
@@ -181,7 +209,8 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     classes = sorted({s.class_id for s in samples})
     remap = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([remap[s.class_id] for s in samples])
-    cache = run_folder(Path(run.cache_dir), name, cache_key(run, base_dir, samples))
+    key = cache_key(run, base_dir, samples, shards_dir, device)
+    cache = run_folder(Path(run.cache_dir), name, key)
 
     model, preprocess, info = load_backbone(base_dir)
     tower_parts(model.visual)  # refuse an unknown tower before any work
@@ -200,7 +229,6 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         restore_rng(state["rng"], generator)
         history = state["history"]
     steps = steps_per_epoch(len(samples), run)
-    load = batch_loader(samples, labels, preprocess)
     trainer, resume = None, state["trainer"] if state is not None else None
     for epoch in range(len(history) + 1, run.epochs + 1):
         phase = phase_of(run, epoch)
@@ -210,7 +238,10 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
                 trainer.load_state_dict(resume)
             resume = None
         arc.margins.fill_(run.margin(epoch))
-        loss = trainer.epoch(epoch_groups(len(samples), run, generator), load)
+        groups = list(epoch_groups(len(samples), run, generator))
+        batches = epoch_batches(samples, labels, [idx for group in groups for idx in group],
+                                preprocess, run.workers, pin=device.type == "cuda")
+        loss = trainer.epoch(groups, batches)
         lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
                         "classes": len(classes), "lr": lrs, "margin": run.margin(epoch)})
@@ -220,7 +251,8 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             "rng": rng_state(generator), "history": history})
         if progress:
             progress(history[-1])
-    return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, cache)
+    return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, cache, device.type,
+                          effective_precision(run, device))
 
 
 def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name: str,
@@ -229,6 +261,7 @@ def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name:
     same layout: config, safetensors weights, model.json last), the head beside it in the
     `train` stage's head format. model.json says where it came from and how it trained."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model.json").unlink(missing_ok=True)  # incomplete until rewritten, last
     base = json.loads((base_dir / "model.json").read_text())
     head = result.head
     with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
@@ -241,7 +274,7 @@ def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name:
               "pretrained": f"{base['pretrained']}+finetune:{name}",
               "base_variant": base_dir.name, "base_checkpoint_sha256": base["checkpoint_sha256"],
               "schedule": run.schedule, "params": run.model_dump(exclude={"cache_dir"}),
-              "run": name,
+              "run": name, "device": result.device, "precision_used": result.precision,
               "epochs_done": len(history), "loss": [row["loss"] for row in history],
               "history": history}
     config = json.loads((base_dir / CONFIG_NAME).read_text())

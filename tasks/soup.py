@@ -81,6 +81,11 @@ def check_runs(run_dirs: Sequence[Path | str]) -> list[Run]:
             if mine != theirs:
                 raise SoupError(f"run {run.path}: its {name} differs from run {runs[0].path}'s;"
                                 " only runs of one architecture can be averaged")
+        bases = [r.info.get("base_checkpoint_sha256") for r in (runs[0], run)]
+        if bases[0] != bases[1]:
+            raise SoupError(f"run {run.path} was fine-tuned from other weights than run "
+                            f"{runs[0].path} (base_checkpoint_sha256 {bases[1]} against "
+                            f"{bases[0]}): a soup averages runs of one starting point")
     _check_headers(runs)
     return runs
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,7 @@ def trainable_entries(state: dict) -> set[str]:
     return {k for k, v in state.items() if v.is_floating_point()}
 
 
+CPU = torch.device("cpu")
 VIT_STEM = ["conv1", "class_embedding", "positional_embedding", "ln_pre"]
 VIT_TOP = ["ln_post", "proj"]
 VIT_BLOCKS = [f"transformer.resblocks.{i}" for i in range(3)]
@@ -354,6 +356,16 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_bytes(world, tmp_path, 
         assert a == (tmp_path / "b" / "out" / name).read_bytes(), name
 
 
+def test_decoding_processes_train_the_same_bytes_as_decoding_in_the_loop(world, tmp_path):
+    """workers=2 (extract's decode pool, images read from the shards as batches come) and
+    workers=0 (each batch decoded in the training process) write identical weights."""
+    for workers in (0, 2):
+        tune(world, tmp_path / str(workers), tower="efficientnet", epochs=1, workers=workers)
+    for name in (WEIGHTS_NAME, "head.safetensors"):
+        assert ((tmp_path / "0" / "out" / name).read_bytes()
+                == (tmp_path / "2" / "out" / name).read_bytes()), name
+
+
 def test_loss_falls_on_a_separable_toy_set(world, tmp_path):
     result = tune(world, tmp_path, schedule="end_to_end", epochs=5, batch_size=6)
     loss = [row["loss"] for row in result.history]
@@ -485,12 +497,63 @@ def test_the_checkpoint_folder_is_keyed_by_settings_and_inputs_and_stale_ones_go
     samples = training_images(world["manifest"], world["shards"])
     assert len(samples) == 24 and {s.class_id for s in samples} == {0, 1, 2, 3}
     run = FinetuneRun(cache_dir="one")
-    key = cache_key(run, world["vit"], samples)
-    assert key == cache_key(FinetuneRun(cache_dir="two"), world["vit"], samples)
-    assert key != cache_key(FinetuneRun(seed=1), world["vit"], samples)
-    assert key != cache_key(run, world["efficientnet"], samples)
-    assert key != cache_key(run, world["vit"], samples[:-1])
+    key = cache_key(run, world["vit"], samples, world["shards"], CPU)
+    assert key == cache_key(FinetuneRun(cache_dir="two"), world["vit"], samples, world["shards"],
+                            CPU)
+    assert key != cache_key(FinetuneRun(seed=1), world["vit"], samples, world["shards"], CPU)
+    assert key != cache_key(run, world["efficientnet"], samples, world["shards"], CPU)
+    assert key != cache_key(run, world["vit"], samples[:-1], world["shards"], CPU)
+    assert key == cache_key(FinetuneRun(cache_dir="one", workers=0), world["vit"], samples,
+                            world["shards"], CPU)
+    assert key != cache_key(run, world["vit"], samples, world["shards"], torch.device("cuda"))
+    shards = tmp_path / "shards"  # the same tars, but index.json says one has other bytes
+    shutil.copytree(world["shards"], shards)
+    index = json.loads((shards / "index.json").read_text())
+    index["shardlist"][0]["sha256"] = "0" * 64
+    (shards / "index.json").write_text(json.dumps(index))
+    moved = training_images(world["manifest"], shards)
+    assert key != cache_key(run, world["vit"], moved, shards, CPU)
     for old in ("ft-0123", "ft_b-4567"):
         (tmp_path / old).mkdir()
     assert run_folder(tmp_path, "ft", key) == tmp_path / f"ft-{key}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft_b-4567"]  # another run's: kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft_b-4567", "shards"]  # kept
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "not_a_dict"])
+def test_an_unreadable_checkpoint_is_named_set_aside_and_the_run_starts_afresh(
+        world, tmp_path, damage):
+    """A checkpoint cut short (a crash mid-write on a disk that lost it), empty, or a torch
+    file that is not a checkpoint: a warning names it and the run trains from scratch, to the
+    bytes of a run that never had one (rather than failing at every rerun)."""
+    clean = tune(world, tmp_path / "clean", epochs=1)
+    assert clean.history
+    grabbed = {}
+
+    def keep(row):
+        [path] = (tmp_path / "hurt" / "cache").glob("*/checkpoint.pt")
+        grabbed["folder"], grabbed["bytes"] = path.parent, path.read_bytes()
+
+    tune(world, tmp_path / "hurt", epochs=1, progress=keep)
+    folder = grabbed["folder"]
+    folder.mkdir(parents=True)  # the finished run removed it; put the damaged file back
+    data = {"cut": grabbed["bytes"][:len(grabbed["bytes"]) // 2], "empty": b""}.get(damage)
+    if data is None:
+        torch.save([1, 2, 3], folder / "checkpoint.pt")
+    else:
+        (folder / "checkpoint.pt").write_bytes(data)
+    with pytest.warns(UserWarning, match=r"checkpoint\.pt: unreadable checkpoint"):
+        tune(world, tmp_path / "hurt", epochs=1, out="again")
+    for name in (WEIGHTS_NAME, "head.safetensors"):
+        assert ((tmp_path / "clean" / "out" / name).read_bytes()
+                == (tmp_path / "hurt" / "again" / name).read_bytes()), name
+
+
+def test_dvc_yaml_lists_every_setting_a_run_trains_with_as_a_param():
+    """finetune@<run> reruns when any setting that changes its bytes changes: every
+    FinetuneRun field is a param dep but where checkpoints wait and how many processes
+    decode."""
+    import yaml
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["do"]
+    listed = {p.split(".", 1)[1] for p in stage["params"]
+              if isinstance(p, str) and p.startswith("finetune.") and "${" not in p}
+    assert listed == set(FinetuneRun.model_fields) - {"cache_dir", "workers"}

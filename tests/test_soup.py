@@ -210,6 +210,16 @@ def test_a_bad_run_is_refused_naming_run_and_key(tmp_path, change, message):
     assert not (tmp_path / "soup").exists()
 
 
+def test_runs_fine_tuned_from_different_weights_are_not_averaged(tmp_path):
+    """Same architecture and config, but one run started from other pretrained weights:
+    refused, naming both bases; runs of one base pass."""
+    a, b, c = (save_run(tmp_path / n, synthetic_state(i), base_checkpoint_sha256=base)
+               for i, (n, base) in enumerate([("a", "1" * 64), ("b", "1" * 64), ("c", "2" * 64)]))
+    uniform_soup([a, b], tmp_path / "ok")
+    with pytest.raises(SoupError, match=r"run .*c was fine-tuned from other weights .*2222"):
+        uniform_soup([a, b, c], tmp_path / "soup")
+
+
 def test_a_changed_folder_a_repeated_run_or_a_lone_run_is_refused(tmp_path):
     a, b = (save_run(tmp_path / n, synthetic_state(i)) for i, n in enumerate("ab"))
     with pytest.raises(SoupError, match="needs at least two runs"):

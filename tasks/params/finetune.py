@@ -84,6 +84,9 @@ class FinetuneRun(_Section):
     # CPU threads: a float sum's order, and so the trained bytes, depend on it; fixed, a
     # rerun (or a resumed run) with the same params gives the same weights.
     threads: int = Field(2, ge=1)
+    # Processes decoding and preprocessing images ahead of the model (extract's decode
+    # pool); 0 decodes in the training process. The trained bytes are the same for any.
+    workers: int = Field(2, ge=0)
     # Per-epoch checkpoints, outside DVC's outputs (DVC deletes those before a stage runs),
     # in a folder per run keyed by its settings and inputs; deleted when the run finishes.
     cache_dir: str = ".cache/finetune"
