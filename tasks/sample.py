@@ -36,7 +36,8 @@ def is_minority(position: int, fraction: float) -> bool:
 
 
 def image_key(source: str, path: str) -> str:
-    """`<source>-<hash of path>`: stable, unique per source, free of dots (WebDataset splits on them)."""
+    """`<source>-<hash of path>`: stable, unique per source, free of dots (WebDataset splits
+    on them)."""
     return f"{source}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:16]}"
 
 
@@ -64,17 +65,20 @@ def check_class_counts(catalogs: dict[str, pl.DataFrame], params: SampleParams) 
         wanted = params.num_classes[source]
         if wanted == "all":
             if len(eligible) < 2:
-                raise ParamsError(f"sample.num_classes.{source} = 'all': source '{source}' has {len(eligible)} "
-                                  f"classes with >= {params.min_images} images; at least 2 are needed")
+                raise ParamsError(f"sample.num_classes.{source} = 'all': source '{source}' "
+                                  f"has {len(eligible)} classes with >= {params.min_images} "
+                                  "images; at least 2 are needed")
         elif wanted > len(eligible):
             raise ParamsError(
-                f"sample.num_classes.{source} = {wanted}: source '{source}' has {len(eligible)} classes "
-                f"with >= {params.min_images} images (sample.min_images); allowed is 2..{len(eligible)}"
+                f"sample.num_classes.{source} = {wanted}: source '{source}' has "
+                f"{len(eligible)} classes with >= {params.min_images} images "
+                f"(sample.min_images); allowed is 2..{len(eligible)}"
             )
 
 
 def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, seed: int,
-                   pick: str = "random", min_images: int = MIN_IMAGES_PER_CLASS) -> tuple[list[str], list[SkippedClass]]:
+                   pick: str = "random", min_images: int = MIN_IMAGES_PER_CLASS,
+                   ) -> tuple[list[str], list[SkippedClass]]:
     """Pick `num_classes` eligible labels (or all of them); report the ineligible ones.
 
     "random" takes them in seeded order; "most_populous" takes the classes
@@ -86,7 +90,8 @@ def choose_classes(catalog: pl.DataFrame, source: str, num_classes: int | str, s
     if num_classes > len(eligible):
         raise ValueError(f"{source}: {num_classes} classes asked for, {len(eligible)} eligible")
     size = dict(catalog.group_by("label").len().iter_rows()) if pick == "most_populous" else {}
-    ordered = sorted(eligible, key=lambda label: (-size.get(label, 0), seeded_order(seed, source, label), label))
+    ordered = sorted(eligible, key=lambda label: (-size.get(label, 0),
+                                                  seeded_order(seed, source, label), label))
     return ordered[:num_classes], skipped
 
 
@@ -114,10 +119,14 @@ def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, pa
                                       params.pick.get(source, "random"), params.min_images)
     groups = class_groups(classes, params.eval_fraction, params.test_fraction)
     sizes = dict(catalog.group_by("label").len().iter_rows())
+    # every chosen class's paths in one pass (a filter a class would read the whole catalog
+    # once a class: 10,000 landmark classes x 1.6M rows in the 2xclip preset)
+    paths_of = dict(catalog.filter(pl.col("label").is_in(classes)).group_by("label")
+                    .agg("path").iter_rows())
     rows = []
     for label in classes:
-        paths = catalog.filter(pl.col("label") == label)["path"].to_list()
-        paths.sort(key=lambda p: (seeded_order(params.seed, source, label, p), p))
+        paths = sorted(paths_of[label],
+                       key=lambda p: (seeded_order(params.seed, source, label, p), p))
         for j, path in enumerate(paths[: params.samples]):
             if groups[label] != "train":
                 split = "query" if is_minority(j, params.query_fraction) else "index"
@@ -151,7 +160,8 @@ def _one_group_per_class(manifest: pl.DataFrame) -> pl.DataFrame:
     ).drop("_rank", "_class_rank", "_total")
 
 
-def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams) -> tuple[pa.Table, list[SkippedClass]]:
+def build_manifest(catalogs: dict[str, pl.DataFrame], params: SampleParams,
+                   ) -> tuple[pa.Table, list[SkippedClass]]:
     """The manifest of all sources, with class ids global across sources.
 
     The same label in two sources stays two classes: ids are given per
