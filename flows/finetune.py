@@ -39,9 +39,10 @@ def finetune(name: str, params: FinetuneParams) -> dict:
                 log.info("finetune[%s]: resumed after epoch %d", name, row["epoch"] - 1)
             bar.update(1)
             seconds, start[0] = time.perf_counter() - start[0], time.perf_counter()
-            log.info("finetune[%s] epoch %d/%d (%s): loss %.4f on %d images of %d classes, "
-                     "%.1f images/s", name, row["epoch"], run.epochs, row["phase"], row["loss"],
-                     row["images"], row["classes"], row["images"] / max(seconds, 1e-9))
+            log.info("finetune[%s] epoch %d/%d (%s, %d px): loss %.4f on %d images of %d "
+                     "classes, %.1f images/s", name, row["epoch"], run.epochs, row["phase"],
+                     row["image_size"], row["loss"], row["images"], row["classes"],
+                     row["images"] / max(seconds, 1e-9))
 
         result = finetune_variant(run, name, MODELS_DIR / run.base, FINETUNED_DIR / name,
                                   progress=epoch_done)

@@ -13,7 +13,7 @@ from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.params.soup import SoupParams, SoupSpec
 from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
-from tasks.soup import greedy_soup, uniform_soup, validation_scorer
+from tasks.soup import greedy_soup, score_settings, uniform_soup, validation_scorer
 
 # DVC caches the soup folder: Prefect's own result caching stays off.
 make_uniform = task(uniform_soup, name="uniform-soup", cache_policy=NO_CACHE)
@@ -30,12 +30,11 @@ def soup(name: str, spec: SoupSpec, evaluate: EvaluateParams, extract: ExtractPa
     if spec.kind == "uniform":
         info = make_uniform(runs, out)
     else:
-        # Scored on the CPU (fp32, extract.cpu_threads threads; search on evaluate.threads):
-        # the same scores, and so the same runs kept, on every machine of one CPU family.
-        faiss.omp_set_num_threads(evaluate.threads)
-        score = validation_scorer(SHARDS_DIR, MANIFEST, evaluate,
-                                  extract.model_copy(update={"device": "cpu"}),
-                                  spec.pca_fit_images)
+        # Scored on the CPU (fp32, extract.cpu_threads threads; search on evaluate.threads)
+        # with only the settings dvc.yaml lists for the stage (tasks.soup.SCORE_FIELDS).
+        scoring, embedding = score_settings(evaluate, extract)
+        faiss.omp_set_num_threads(scoring.threads)
+        score = validation_scorer(SHARDS_DIR, MANIFEST, scoring, embedding, spec.pca_fit_images)
         info = make_greedy(runs, score, out)
         record = info["soup"]["greedy"]
         for t in record["tries"]:

@@ -30,13 +30,13 @@ from tasks.backbone import load_backbone
 from tasks.params.extract import ExtractParams
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.features import write_features
-from tasks.schemas.shards import Sample, read_shard
+from tasks.schemas.shards import Jpegs, Sample, SampleRef, read_shard
 
 
 class _Decoded(Dataset):
     """Decode + preprocess by index: the unit of work of the in-process decoding threads."""
 
-    def __init__(self, samples: list[Sample], preprocess: Preprocess):
+    def __init__(self, samples: list[Sample] | list[SampleRef], preprocess: Preprocess):
         self.samples, self.preprocess = samples, preprocess
 
     def __len__(self) -> int:
@@ -94,7 +94,8 @@ class Embedder:
         self.model = model.to(device).eval()
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if self.cuda else None
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        self.dtype = dtypes.get(precision) if self.cuda else None
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -135,9 +136,10 @@ def decode_workers(params: ExtractParams, device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams,
-            device: torch.device) -> Iterator[torch.Tensor]:
-    """Preprocessed batches in order.
+def batches(samples: list[Sample] | list[SampleRef], preprocess: Preprocess,
+            params: ExtractParams, device: torch.device) -> Iterator[torch.Tensor]:
+    """Preprocessed batches in order (of SampleRefs: each image read from its shard as its
+    batch comes, so a split's bytes are never all in memory).
 
     With decoding workers, a process pool that outlives the shard decodes
     small chunks ahead of the model (pinned for non-blocking copies on CUDA;
@@ -149,7 +151,7 @@ def batches(samples: list[Sample], preprocess: Preprocess, params: ExtractParams
     workers = decode_workers(params, device)
     if workers:
         pool = decode_pool(preprocess, workers)
-        yield from pool.batches([s.jpeg for s in samples], params.batch_size,
+        yield from pool.batches(Jpegs(samples), params.batch_size,
                                 pin=device.type == "cuda")
         return
     data = _Decoded(samples, preprocess)

@@ -19,7 +19,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
 from tasks.decode import decode_pool
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
+from tasks.finetune_resolution import check_resizable, config_at, preprocess_at, set_image_size
 from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
                                   rng_state, run_folder, save_checkpoint, training_images)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
@@ -37,7 +38,7 @@ from tasks.params.finetune import FinetuneRun
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
-from tasks.schemas.shards import SampleRef
+from tasks.schemas.shards import Jpegs, SampleRef
 from tasks.schedules import deterministic, warmup_cosine
 
 
@@ -138,19 +139,6 @@ def epoch_groups(images: int, run: FinetuneRun,
         yield cuts[g:g + run.accumulate]
 
 
-class _Jpegs(Sequence[bytes]):
-    """The JPEG bytes of samples, each read from its shard only when asked for."""
-
-    def __init__(self, refs: list[SampleRef]):
-        self.refs = refs
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitem__(self, i):  # an int or a slice, as the decode pool asks
-        return [r.read() for r in self.refs[i]] if isinstance(i, slice) else self.refs[i].read()
-
-
 def epoch_batches(samples: list[SampleRef], labels: torch.Tensor, cuts: list[torch.Tensor],
                   preprocess: Preprocess, workers: int, pin: bool,
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -167,7 +155,7 @@ def epoch_batches(samples: list[SampleRef], labels: torch.Tensor, cuts: list[tor
     rows = torch.cat(cuts).tolist()
     batch_size = max(len(idx) for idx in cuts)  # every cut but the last has this many rows
     images = decode_pool(preprocess, workers).batches(
-        _Jpegs([samples[i] for i in rows]), batch_size, pin)
+        Jpegs([samples[i] for i in rows]), batch_size, pin)
     for idx, x in zip(cuts, images, strict=True):
         yield x, labels[idx]
 
@@ -212,8 +200,12 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     key = cache_key(run, base_dir, samples, shards_dir, device)
     cache = run_folder(Path(run.cache_dir), name, key)
 
-    model, preprocess, info = load_backbone(base_dir)
+    model, base_preprocess, info = load_backbone(base_dir)
     tower_parts(model.visual)  # refuse an unknown tower before any work
+    if run.image_sizes:
+        vision_cfg = json.loads((base_dir / CONFIG_NAME).read_text())["model_cfg"]["vision_cfg"]
+        check_resizable(model.visual, vision_cfg)
+    size = int(info["image_size"])
     torch.manual_seed(run.seed)
     head = EmbeddingHead(int(info["dim"]), run.embedding_dim, dropout=0.0)
     arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin,
@@ -223,6 +215,9 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     history: list[dict[str, Any]] = []
     state = load_checkpoint(cache)
     if state is not None:
+        if history_size := state["history"][-1].get("image_size"):
+            size = history_size
+            set_image_size(model, size)  # the checkpoint's grid, before its values load
         model.visual.load_state_dict(state["visual"])
         head.load_state_dict(state["head"])
         arc.load_state_dict(state["arc"])
@@ -237,6 +232,11 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             if resume is not None and resume["phase"] == phase:
                 trainer.load_state_dict(resume)
             resume = None
+        if run.image_size(epoch, size) != size:
+            size = run.image_size(epoch, size)
+            set_image_size(model, size, trainer.opt)
+        preprocess = (base_preprocess if size == base_preprocess.size
+                      else preprocess_at(base_preprocess, size))
         arc.margins.fill_(run.margin(epoch))
         groups = list(epoch_groups(len(samples), run, generator))
         batches = epoch_batches(samples, labels, [idx for group in groups for idx in group],
@@ -244,7 +244,8 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         loss = trainer.epoch(groups, batches)
         lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
-                        "classes": len(classes), "lr": lrs, "margin": run.margin(epoch)})
+                        "classes": len(classes), "lr": lrs, "margin": run.margin(epoch),
+                        "image_size": size})
         save_checkpoint(cache, {
             "visual": model.visual.state_dict(), "head": head.state_dict(),
             "arc": arc.state_dict(), "trainer": trainer.state_dict(),
@@ -278,4 +279,6 @@ def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name:
               "epochs_done": len(history), "loss": [row["loss"] for row in history],
               "history": history}
     config = json.loads((base_dir / CONFIG_NAME).read_text())
+    if history[-1]["image_size"] != base["image_size"]:
+        config = config_at(config, history[-1]["image_size"])
     return save_variant(out_dir, config, result.model, source)

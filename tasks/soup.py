@@ -31,11 +31,19 @@ from tasks.features import GroupData, SplitFeatures, read_manifest, require_imag
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.schemas.io import atomic_path, scratch_dir, sha256_file, write_bytes, write_json
-from tasks.schemas.shards import Sample, read_index, read_split, shards_of_split
+from tasks.schemas.shards import Sample, SampleRef, index_split, read_index, shards_of_split
 
 COUNTER_SUFFIX = "num_batches_tracked"  # BatchNorm's step counters: the max, not the mean
 CHUNK = 1 << 22  # elements averaged at a time: the float64 scratch is runs x 32 MiB at most
 INFO_KEYS = ("model_name", "image_size", "dim")  # what a soup's model.json takes from its runs
+# The settings a greedy soup's score reads, and so the params dvc.yaml's soup@ stages list:
+# which neighbours (k, search), the PCA (dim, the fit sample's seed) and the embeddings' bytes
+# on the CPU (batch and thread counts). The rest of both sections cannot change a score (the
+# bootstrap, the query block: bit-identical ids, the decoding workers: identical bytes), so
+# the scorer is given those at their defaults (`score_settings`) and editing them reruns no soup.
+SCORE_FIELDS = {"evaluate": ("k", "pca_dim", "seed", "threads", "exact_max_index",
+                             "approximate_index", "approximate_search"),
+                "extract": ("batch_size", "cpu_threads")}
 
 
 class SoupError(ValueError):
@@ -233,8 +241,19 @@ def greedy_soup(run_dirs: Sequence[Path | str], score: Callable[[Path], float],
     return write_soup([runs[i] for i in chosen], out_dir, "greedy", {"greedy": record})
 
 
-def embed_samples(model_dir: Path | str, splits: list[list[Sample]], extract: ExtractParams,
-                  ) -> list[np.ndarray]:
+def score_settings(evaluate: EvaluateParams, extract: ExtractParams,
+                   ) -> tuple[EvaluateParams, ExtractParams]:
+    """What a greedy soup is scored with: the SCORE_FIELDS of both sections, every other
+    setting at its default, on the CPU (fp32): the same runs kept on every machine of one CPU
+    family, and a change to a setting the score does not read cannot change it."""
+    kept = {section: {f: getattr(params, f) for f in SCORE_FIELDS[section]}
+            for section, params in (("evaluate", evaluate), ("extract", extract))}
+    return (EvaluateParams(**kept["evaluate"]),
+            ExtractParams(**kept["extract"], device="cpu", precision="fp32"))
+
+
+def embed_samples(model_dir: Path | str, splits: list[list[Sample]] | list[list[SampleRef]],
+                  extract: ExtractParams) -> list[np.ndarray]:
     """Each list of samples embedded by the variant with extraction's own loader, decoding
     and Embedder (padded batches, `extract.cpu_threads` threads on the CPU): an image gets
     the bytes `extract` would write for it. One model load for all the lists."""
@@ -248,7 +267,7 @@ def embed_samples(model_dir: Path | str, splits: list[list[Sample]], extract: Ex
             for samples in splits]
 
 
-def _features(samples: list[Sample], embeddings: np.ndarray) -> SplitFeatures:
+def _features(samples: list[SampleRef], embeddings: np.ndarray) -> SplitFeatures:
     return SplitFeatures([s.key for s in samples],
                          np.array([s.class_id for s in samples], np.int64), embeddings)
 
@@ -261,20 +280,21 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
     Scored as the evaluate stage scores a backbone's zero-shot line (`score_line` on a PCA
     to `evaluate.pca_dim` fitted on the train split's embeddings), on the validation
     classes' queries against their index only: a test class's image is never decoded. The
-    shards are read once, here; each call embeds the images with its variant. `fit_images`
+    shards' headers are indexed once, here; each call reads and embeds the images with its
+    variant, a batch at a time, so no split's bytes are held in memory. `fit_images`
     caps the train images the PCA is fitted on (a seeded sample; None: all, as evaluate
     fits it). Returns the unrounded mean of the per-query scores.
     """
     meta = read_manifest(manifest)
     held = {}
     for split in ("query", "index"):
-        samples = list(read_split(shards_dir, split))
+        samples = list(index_split(shards_dir, split))
         groups = meta.column([s.key for s in samples], "group").to_list()
         held[split] = [s for s, g in zip(samples, groups) if g == "validation"]
     empty = np.zeros((0, 0), np.float32)
     require_images(GroupData(_features(held["query"], empty), _features(held["index"], empty),
                              []), "validation")
-    train = read_split(shards_dir, "train")  # streamed: only the images kept stay in memory
+    train = index_split(shards_dir, "train")
     if fit_images is not None:
         total = sum(e["nsamples"] for e in shards_of_split(read_index(shards_dir), "train"))
         rng = np.random.default_rng(evaluate.seed)

@@ -18,6 +18,7 @@ import open_clip
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -36,8 +37,8 @@ from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
 from tasks.schemas.shards import read_split
 from tasks.shard import plan_shards, write_shards
-from tasks.soup import (SoupError, embed_samples, greedy_soup, uniform_soup,
-                        validation_score)
+from tasks.soup import (SCORE_FIELDS, SoupError, embed_samples, greedy_soup, score_settings,
+                        uniform_soup, validation_score, validation_scorer)
 
 CONFIG = {"model_cfg": {"embed_dim": 3}, "preprocess_cfg": {"size": 8}}
 
@@ -338,6 +339,39 @@ def test_validation_score_fits_its_pca_on_at_most_fit_images(tmp_path, tiny_back
         validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT, fit_images=15)
     assert 0 < validation_score(tiny_backbone, shards, manifest, EVALUATE, EXTRACT,
                                 fit_images=20) <= 1
+
+
+def test_the_scorer_reads_the_images_from_the_shards_as_it_embeds_them(tmp_path, tiny_backbone):
+    """No split's bytes are held between scores: with the shards gone, scoring fails. The
+    decode pool (reading each chunk's bytes as it is sent) gives the same score as decoding
+    in this process."""
+    shards, manifest = build_shards(tmp_path, validation=range(4, 8))
+    in_process = validation_scorer(shards, manifest, EVALUATE, EXTRACT)
+    pooled = validation_scorer(shards, manifest, EVALUATE,
+                               EXTRACT.model_copy(update={"num_workers": 2}))
+    assert pooled(tiny_backbone) == in_process(tiny_backbone)
+    shutil.rmtree(shards)
+    with pytest.raises(FileNotFoundError):
+        in_process(tiny_backbone)
+
+
+def test_a_greedy_soup_is_scored_with_only_the_settings_its_stage_lists():
+    """score_settings keeps SCORE_FIELDS and defaults the rest, so a setting the score
+    does not read reruns no soup, and dvc.yaml's soup@ params are exactly those fields."""
+    evaluate = EvaluateParams(k=3, pca_dim=16, seed=7, bootstrap_resamples=100,
+                              query_block=5, recall_queries=9)
+    extract = ExtractParams(batch_size=4, cpu_threads=1, num_workers=3, device="cuda:1",
+                            cache_dir="elsewhere", precision="bf16")
+    scoring, embedding = score_settings(evaluate, extract)
+    assert (scoring.k, scoring.pca_dim, scoring.seed) == (3, 16, 7)
+    assert scoring.bootstrap_resamples == EvaluateParams().bootstrap_resamples
+    assert (scoring.query_block, scoring.recall_queries) == (16384, 1000)
+    assert (embedding.batch_size, embedding.cpu_threads) == (4, 1)
+    assert (embedding.device, embedding.precision) == ("cpu", "fp32")
+    assert (embedding.num_workers, embedding.cache_dir) == ("auto", ".cache/embeddings")
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["soup"]["do"]
+    assert stage["params"] == ["soup.${key}"] + [f"{section}.{name}" for section, names
+                                                 in SCORE_FIELDS.items() for name in names]
 
 
 # ---------------------------------------------------------------- the flow

@@ -64,6 +64,10 @@ class FinetuneRun(_Section):
     # the base's statistics (eval-mode BatchNorm) while its scale and shift still learn, the
     # usual choice when batches are small or the set is small beside the pretraining data.
     batchnorm: Literal["train", "frozen"] = "train"
+    # Each epoch's input size, in order (1st place: 224 -> 280 -> 290), one per epoch; empty:
+    # the base's size throughout. A ViT's position embeddings are interpolated to each new
+    # grid; the variant is written at the last size (tasks/finetune_resolution.py).
+    image_sizes: list[Annotated[int, Field(ge=16, le=1024)]] = Field(default_factory=list)
     # Share of each phase's optimizer steps with a linear warm-up, then a half cosine to 0.
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -96,10 +100,17 @@ class FinetuneRun(_Section):
         if self.schedule == "head_then_backbone" and self.head_epochs >= self.epochs:
             raise ValueError(f"head_epochs = {self.head_epochs} leaves no epoch of the "
                              f"{self.epochs} for the backbone: make it < epochs")
+        if self.image_sizes and len(self.image_sizes) != self.epochs:
+            raise ValueError(f"image_sizes {self.image_sizes}: one size an epoch, "
+                             f"{self.epochs} of them (or none: the base's size)")
         if self.margin(self.epochs) >= 1.5:
             raise ValueError(f"margin_step = {self.margin_step} raises the margin to "
                              f"{self.margin(self.epochs):g} by epoch {self.epochs}: keep it < 1.5")
         return self
+
+    def image_size(self, epoch: int, base: int) -> int:
+        """The input size during epoch `epoch` (from 1) of a base taking `base`."""
+        return self.image_sizes[epoch - 1] if self.image_sizes else base
 
     def margin(self, epoch: int) -> float:
         """ArcFace's margin during epoch `epoch` (from 1)."""

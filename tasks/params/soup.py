@@ -23,7 +23,7 @@ class SoupSpec(_Section):
         min_length=1)
     # greedy only: train images the zero-shot PCA of the score is fitted on, a seeded sample
     # (evaluate.seed); null = all of them, as the evaluate stage fits it. Every try embeds
-    # them anew, and their JPEGs stay in memory for the stage: cap it on a large train split.
+    # them anew (read from the shards a batch at a time): cap it on a large train split.
     pca_fit_images: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 WebDataset tars per split listed in index.json (wids layout); every reader of the shards
 goes through `read_index`, `read_shard` and `read_split`, or, to read images one at a time
 in any order without holding a split's bytes in memory, `index_split` and `SampleRef.read`.
+Both kinds of sample give their bytes as `.jpeg`; `Jpegs` is a list of them read on demand.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import webdataset as wds
@@ -69,6 +70,27 @@ class SampleRef:
             raise ValueError(f"{self.shard}: {self.key}.jpg ends early ({len(data)} of "
                              f"{self.size} bytes): the shard changed after it was indexed")
         return data
+
+    @property
+    def jpeg(self) -> bytes:
+        """The bytes, read now: a SampleRef goes wherever a Sample's `.jpeg` is read."""
+        return self.read()
+
+
+class Jpegs(Sequence[bytes]):
+    """The JPEG bytes of samples (Sample or SampleRef), each read only when asked for: what
+    the decode pool slices, holding no more than the chunks in flight."""
+
+    def __init__(self, samples: Sequence[Sample | SampleRef]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):  # an int or a slice, as the decode pool asks
+        if isinstance(i, slice):
+            return [s.jpeg for s in self.samples[i]]
+        return self.samples[i].jpeg
 
 
 def index_shard(url: str | Path) -> list[SampleRef]:

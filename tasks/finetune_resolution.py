@@ -1,0 +1,79 @@
+"""Resolution steps of a fine-tuning run: the 1st place raised its input size in steps
+(224 -> 280 -> 290), so the tower learns the finer detail late, at a fraction of the cost of
+training at the largest size throughout.
+
+`finetune.image_sizes` gives each epoch's input size. A step changes three things together:
+the Preprocess the images get (the variant's own, at the new size), a ViT's grid of learned
+position embeddings (interpolated as open_clip interpolates it when it loads a checkpoint at
+another size: `open_clip.model.resize_pos_embed`, bicubic, antialiased), and the variant's
+config (`vision_cfg.image_size`, `preprocess_cfg.size`), so that extract, export and
+`local-dir:` load the run at the size it finished at. Towers whose input size is free (a
+convolutional timm trunk with average pooling) need only the first and the last; towers with
+position embeddings open_clip cannot resize (ModifiedResNet's attention pool, a timm ViT)
+are refused before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from open_clip.model import resize_pos_embed
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from tasks.preprocess import Preprocess
+
+
+def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any]) -> None:
+    """Raise ValueError unless the tower's input size can change: an open_clip ViT with
+    learned position embeddings on a square grid, or a tower with none (`vision_cfg`: the
+    variant config's, which says how the embeddings were made)."""
+    if isinstance(visual, VisionTransformer):
+        if vision_cfg.get("pos_embed_type", "learnable") != "learnable":
+            raise ValueError("finetune.image_sizes: this ViT's position embeddings are "
+                             f"{vision_cfg['pos_embed_type']}, not learned; open_clip resizes "
+                             "only learned ones")
+        if visual.grid_size[0] != visual.grid_size[1]:
+            raise ValueError(f"finetune.image_sizes: a non-square grid {visual.grid_size}")
+        return
+    named = [n for n, _ in (*visual.named_parameters(), *visual.named_buffers())
+             if "pos" in n.split(".")[-1]]
+    if named:
+        raise ValueError(f"finetune.image_sizes: the tower ({type(visual).__name__}) has "
+                         f"position embeddings open_clip cannot resize ({named[0]}); "
+                         "resolution steps need an open_clip ViT or a convolutional tower")
+
+
+def set_image_size(model: nn.Module, size: int,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Make `model`'s tower take `size` x `size` inputs, in place. A ViT's position
+    embeddings are interpolated to the new grid, and their optimizer moments (shaped for
+    the old grid) restart, as for a new parameter; every other parameter keeps its own."""
+    visual = model.visual
+    visual.preprocess_cfg = {**visual.preprocess_cfg, "size": size}
+    if not isinstance(visual, VisionTransformer):
+        return
+    visual.image_size = (size, size)
+    visual.grid_size = (size // visual.patch_size[0], size // visual.patch_size[1])
+    state = {"visual.positional_embedding": visual.positional_embedding.data}
+    resize_pos_embed(state, model)
+    if state["visual.positional_embedding"] is not visual.positional_embedding.data:
+        visual.positional_embedding.data = state["visual.positional_embedding"].contiguous()
+        if optimizer is not None:
+            optimizer.state.pop(visual.positional_embedding, None)
+
+
+def preprocess_at(preprocess: Preprocess, size: int) -> Preprocess:
+    """The same preprocessing (mean, std, interpolation, resize mode) at another size."""
+    return Preprocess(size, preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist(),
+                      preprocess.interpolation, preprocess.resize_mode)
+
+
+def config_at(config: dict[str, Any], size: int) -> dict[str, Any]:
+    """An open_clip config whose tower and preprocessing take `size`: a run's variant config."""
+    config = copy.deepcopy(config)
+    config["model_cfg"]["vision_cfg"]["image_size"] = size
+    config["preprocess_cfg"]["size"] = size
+    return config
