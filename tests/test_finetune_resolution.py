@@ -14,12 +14,14 @@ import sys
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
 from conftest import REPO
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
+from tasks.export import Embedder, export_embedder, load_exported
 from tasks.finetune import finetune
 from tasks.finetune_resolution import check_resizable, set_image_size
 from tasks.params.finetune import FinetuneRun
@@ -61,6 +63,14 @@ def test_a_run_with_resolution_steps_is_written_at_its_last_size(world, tmp_path
                               atol=1e-6)
     loaded, preprocess, info = load_backbone(out)
     assert preprocess.size == 48 and info["image_size"] == 48
+    # export ships it at that size: the exported program embeds as the eager tower does
+    image = torch.randint(0, 256, (2, 3, 60, 70), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(3))
+    export_embedder(Embedder([(preprocess, loaded.visual)], nn.Identity()), tmp_path / "e.pt2",
+                    image)
+    with torch.no_grad():
+        eager = F.normalize(loaded.encode_image(preprocess(image)), dim=-1)
+        assert torch.allclose(load_exported(tmp_path / "e.pt2")(image), eager, atol=1e-5)
     # a convolutional tower needs no resizing, only its preprocessing changes
     conv = tune(world, tmp_path, tower="efficientnet", out="conv", image_sizes=[40, 48])
     assert [row["image_size"] for row in conv.history] == [40, 48]
