@@ -98,9 +98,8 @@ _pools: dict[tuple, DecodePool] = {}
 _pools_lock = threading.Lock()
 
 
-def decode_pool(preprocess: Preprocess, workers: int) -> DecodePool:
-    """The process-wide pool for this preprocessing and worker count (started on first use)."""
-    key = (
+def _pool_key(preprocess: Preprocess, workers: int) -> tuple:
+    return (
         preprocess.size,
         preprocess.interpolation,
         preprocess.resize_mode,
@@ -108,7 +107,21 @@ def decode_pool(preprocess: Preprocess, workers: int) -> DecodePool:
         tuple(preprocess.std.flatten().tolist()),
         workers,
     )
+
+
+def decode_pool(preprocess: Preprocess, workers: int) -> DecodePool:
+    """The process-wide pool for this preprocessing and worker count (started on first use)."""
+    key = _pool_key(preprocess, workers)
     with _pools_lock:
         if key not in _pools:
             _pools[key] = DecodePool(preprocess, workers)
         return _pools[key]
+
+
+def release_pool(preprocess: Preprocess, workers: int) -> None:
+    """Stop this preprocessing's pool, if one was started: a fine-tuning run that steps up
+    its input size leaves the old size's processes with nothing more to decode."""
+    with _pools_lock:
+        pool = _pools.pop(_pool_key(preprocess, workers), None)
+    if pool is not None:
+        pool.close()

@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
-from tasks.decode import decode_pool
+from tasks.decode import decode_pool, release_pool
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
 from tasks.finetune_resolution import check_resizable, config_at, preprocess_at, set_image_size
 from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
@@ -190,6 +190,12 @@ def finetune(run: FinetuneRun, name: str, base_dir: Path, out_dir: Path, *,
 def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
               manifest: Path, shards_dir: Path,
               progress: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
+    model, base_preprocess, info = load_backbone(base_dir)
+    tower_parts(model.visual)  # refuse an unknown tower before any work
+    if run.image_sizes:
+        vision_cfg = json.loads((base_dir / CONFIG_NAME).read_text())["model_cfg"]["vision_cfg"]
+        check_resizable(model.visual, vision_cfg, run.image_sizes)
+    size = int(info["image_size"])
     samples = training_images(manifest, shards_dir)
     if not samples:
         raise ValueError(f"finetune {name}: no train-split images of training classes in "
@@ -200,12 +206,6 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     key = cache_key(run, base_dir, samples, shards_dir, device)
     cache = run_folder(Path(run.cache_dir), name, key)
 
-    model, base_preprocess, info = load_backbone(base_dir)
-    tower_parts(model.visual)  # refuse an unknown tower before any work
-    if run.image_sizes:
-        vision_cfg = json.loads((base_dir / CONFIG_NAME).read_text())["model_cfg"]["vision_cfg"]
-        check_resizable(model.visual, vision_cfg)
-    size = int(info["image_size"])
     torch.manual_seed(run.seed)
     head = EmbeddingHead(int(info["dim"]), run.embedding_dim, dropout=0.0)
     arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin,
@@ -225,6 +225,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         history = state["history"]
     steps = steps_per_epoch(len(samples), run)
     trainer, resume = None, state["trainer"] if state is not None else None
+    preprocess = None
     for epoch in range(len(history) + 1, run.epochs + 1):
         phase = phase_of(run, epoch)
         if trainer is None or trainer.phase != phase:
@@ -235,6 +236,8 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         if run.image_size(epoch, size) != size:
             size = run.image_size(epoch, size)
             set_image_size(model, size, trainer.opt)
+        if preprocess is not None and preprocess.size != size and run.workers:
+            release_pool(preprocess, run.workers)  # the last size's decoding processes
         preprocess = (base_preprocess if size == base_preprocess.size
                       else preprocess_at(base_preprocess, size))
         arc.margins.fill_(run.margin(epoch))

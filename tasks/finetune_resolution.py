@@ -7,10 +7,11 @@ the Preprocess the images get (the variant's own, at the new size), a ViT's grid
 position embeddings (interpolated as open_clip interpolates it when it loads a checkpoint at
 another size: `open_clip.model.resize_pos_embed`, bicubic, antialiased), and the variant's
 config (`vision_cfg.image_size`, `preprocess_cfg.size`), so that extract, export and
-`local-dir:` load the run at the size it finished at. Towers whose input size is free (a
-convolutional timm trunk with average pooling) need only the first and the last; towers with
-position embeddings open_clip cannot resize (ModifiedResNet's attention pool, a timm ViT)
-are refused before any work.
+`local-dir:` load the run at the size it finished at. A tower whose input size is free (a
+convolutional timm trunk with average pooling) needs only the new preprocessing; towers with
+position embeddings open_clip cannot resize (ModifiedResNet's attention pool, a timm ViT),
+and ViT sizes that are not a multiple of the patch size, are refused before training starts.
+Under `last_blocks` the stem is frozen: the interpolated embeddings are used as they are.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch import nn
 from tasks.preprocess import Preprocess
 
 
-def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any]) -> None:
-    """Raise ValueError unless the tower's input size can change: an open_clip ViT with
-    learned position embeddings on a square grid, or a tower with none (`vision_cfg`: the
-    variant config's, which says how the embeddings were made)."""
+def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any], sizes: list[int]) -> None:
+    """Raise ValueError unless the tower can take each of `sizes`: an open_clip ViT with
+    learned position embeddings on a square grid, at multiples of its patch size (the patch
+    convolution would drop the pixels past the last whole patch: at patch 14, 290 px is the
+    grid of 280 plus 10 px never seen), or a tower with no position embeddings (`vision_cfg`:
+    the variant config's, which says how the embeddings were made)."""
     if isinstance(visual, VisionTransformer):
         if vision_cfg.get("pos_embed_type", "learnable") != "learnable":
             raise ValueError("finetune.image_sizes: this ViT's position embeddings are "
@@ -37,6 +40,13 @@ def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any]) -> None:
                              "only learned ones")
         if visual.grid_size[0] != visual.grid_size[1]:
             raise ValueError(f"finetune.image_sizes: a non-square grid {visual.grid_size}")
+        patch = visual.patch_size[0]
+        for size in sizes:
+            if size % patch:
+                below, above = size // patch * patch, (size // patch + 1) * patch
+                raise ValueError(f"finetune.image_sizes: {size} is not a multiple of the "
+                                 f"patch size {patch}, so its last {size - below} px would "
+                                 f"never be seen; use {below} or {above}")
         return
     named = [n for n, _ in (*visual.named_parameters(), *visual.named_buffers())
              if "pos" in n.split(".")[-1]]
@@ -49,20 +59,24 @@ def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any]) -> None:
 def set_image_size(model: nn.Module, size: int,
                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """Make `model`'s tower take `size` x `size` inputs, in place. A ViT's position
-    embeddings are interpolated to the new grid, and their optimizer moments (shaped for
-    the old grid) restart, as for a new parameter; every other parameter keeps its own."""
+    embeddings are interpolated to the new grid (on the CPU in float32, so the result is the
+    same bytes on any device), and their optimizer moments (shaped for the old grid) restart,
+    as for a new parameter; every other parameter keeps its own."""
     visual = model.visual
     visual.preprocess_cfg = {**visual.preprocess_cfg, "size": size}
     if not isinstance(visual, VisionTransformer):
         return
     visual.image_size = (size, size)
     visual.grid_size = (size // visual.patch_size[0], size // visual.patch_size[1])
-    state = {"visual.positional_embedding": visual.positional_embedding.data}
+    embedding = visual.positional_embedding
+    state = {"visual.positional_embedding": embedding.detach().float().cpu()}
     resize_pos_embed(state, model)
-    if state["visual.positional_embedding"] is not visual.positional_embedding.data:
-        visual.positional_embedding.data = state["visual.positional_embedding"].contiguous()
+    resized = state["visual.positional_embedding"]
+    if resized.shape != embedding.shape:
+        embedding.data = resized.to(embedding.device, embedding.dtype).contiguous()
+        embedding.grad = None  # shaped for the old grid
         if optimizer is not None:
-            optimizer.state.pop(visual.positional_embedding, None)
+            optimizer.state.pop(embedding, None)
 
 
 def preprocess_at(preprocess: Preprocess, size: int) -> Preprocess:

@@ -27,11 +27,12 @@ from safetensors.torch import save_file
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
 from tasks.evaluate import fit_pca, score_line
 from tasks.extract import Embedder, batches, resolve_device
-from tasks.features import GroupData, SplitFeatures, read_manifest, require_images
+from tasks.features import (GroupData, SplitFeatures, read_manifest, require_images,
+                            seeded_rows)
 from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.schemas.io import atomic_path, scratch_dir, sha256_file, write_bytes, write_json
-from tasks.schemas.shards import Sample, SampleRef, index_split, read_index, shards_of_split
+from tasks.schemas.shards import Sample, SampleRef, index_split
 
 COUNTER_SUFFIX = "num_batches_tracked"  # BatchNorm's step counters: the max, not the mean
 CHUNK = 1 << 22  # elements averaged at a time: the float64 scratch is runs x 32 MiB at most
@@ -39,10 +40,11 @@ INFO_KEYS = ("model_name", "image_size", "dim")  # what a soup's model.json take
 # The settings a greedy soup's score reads, and so the params dvc.yaml's soup@ stages list:
 # which neighbours (k, search), the PCA (dim, the fit sample's seed) and the embeddings' bytes
 # on the CPU (batch and thread counts). The rest of both sections cannot change a score (the
-# bootstrap, the query block: bit-identical ids, the decoding workers: identical bytes), so
-# the scorer is given those at their defaults (`score_settings`) and editing them reruns no soup.
-SCORE_FIELDS = {"evaluate": ("k", "pca_dim", "seed", "threads", "exact_max_index",
-                             "approximate_index", "approximate_search"),
+# bootstrap, the query block: bit-identical ids), so the scorer is given those at their
+# defaults (`score_settings`) and editing them reruns no soup. extract.num_workers is passed
+# as it is: it sets how fast images decode, never their bytes (tested), so it is no param.
+SCORE_FIELDS = {"evaluate": ("k", "pca_dim", "pca_train_max", "seed", "threads",
+                             "exact_max_index", "approximate_index", "approximate_search"),
                 "extract": ("batch_size", "cpu_threads")}
 
 
@@ -249,7 +251,8 @@ def score_settings(evaluate: EvaluateParams, extract: ExtractParams,
     kept = {section: {f: getattr(params, f) for f in SCORE_FIELDS[section]}
             for section, params in (("evaluate", evaluate), ("extract", extract))}
     return (EvaluateParams(**kept["evaluate"]),
-            ExtractParams(**kept["extract"], device="cpu", precision="fp32"))
+            ExtractParams(**kept["extract"], num_workers=extract.num_workers, device="cpu",
+                          precision="fp32"))
 
 
 def embed_samples(model_dir: Path | str, splits: list[list[Sample]] | list[list[SampleRef]],
@@ -282,8 +285,9 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
     classes' queries against their index only: a test class's image is never decoded. The
     shards' headers are indexed once, here; each call reads and embeds the images with its
     variant, a batch at a time, so no split's bytes are held in memory. `fit_images`
-    caps the train images the PCA is fitted on (a seeded sample; None: all, as evaluate
-    fits it). Returns the unrounded mean of the per-query scores.
+    caps the train images the PCA is fitted on (a seeded sample; None: as evaluate fits it,
+    all of them up to `evaluate.pca_train_max`, beyond it a sample drawn as evaluate draws
+    one). Returns the unrounded mean of the per-query scores.
     """
     meta = read_manifest(manifest)
     held = {}
@@ -294,13 +298,10 @@ def validation_scorer(shards_dir: Path, manifest: Path, evaluate: EvaluateParams
     empty = np.zeros((0, 0), np.float32)
     require_images(GroupData(_features(held["query"], empty), _features(held["index"], empty),
                              []), "validation")
-    train = index_split(shards_dir, "train")
-    if fit_images is not None:
-        total = sum(e["nsamples"] for e in shards_of_split(read_index(shards_dir), "train"))
-        rng = np.random.default_rng(evaluate.seed)
-        keep = set(rng.choice(total, min(fit_images, total), replace=False).tolist())
-        train = (s for i, s in enumerate(train) if i in keep)
-    train = list(train)
+    train = list(index_split(shards_dir, "train"))
+    cap = evaluate.pca_train_max if fit_images is None else fit_images
+    if len(train) > cap:  # drawn as evaluate's train_rows_for_fit draws its rows
+        train = [train[i] for i in seeded_rows(len(train), cap, evaluate.seed)]
     sources = meta.column([s.key for s in held["query"]], "source").to_list()
 
     def score(variant_dir: Path) -> float:

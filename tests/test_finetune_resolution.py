@@ -22,6 +22,7 @@ from torch import nn
 from conftest import REPO
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
 from tasks.export import Embedder, export_embedder, load_exported
+import tasks.finetune as finetune_module
 from tasks.finetune import finetune
 from tasks.finetune_resolution import check_resizable, set_image_size
 from tasks.params.finetune import FinetuneRun
@@ -71,15 +72,54 @@ def test_a_run_with_resolution_steps_is_written_at_its_last_size(world, tmp_path
     with torch.no_grad():
         eager = F.normalize(loaded.encode_image(preprocess(image)), dim=-1)
         assert torch.allclose(load_exported(tmp_path / "e.pt2")(image), eager, atol=1e-5)
-    # a convolutional tower needs no resizing, only its preprocessing changes
+
+
+def test_a_convolutional_tower_sees_each_epochs_size(world, tmp_path, monkeypatch):  # noqa: F811
+    """Only the preprocessing changes; the tower's inputs are each epoch's size."""
+    seen: list[tuple[int, ...]] = []
+
+    def hooked(folder):
+        model, preprocess, info = load_backbone(folder)
+        model.visual.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
+        return model, preprocess, info
+
+    monkeypatch.setattr(finetune_module, "load_backbone", hooked)
     conv = tune(world, tmp_path, tower="efficientnet", out="conv", image_sizes=[40, 48])
     assert [row["image_size"] for row in conv.history] == [40, 48]
+    half = len(seen) // 2
+    assert len(seen) == 2 * half > 0
+    assert set(seen[:half]) == {(40, 40)} and set(seen[half:]) == {(48, 48)}
     assert load_backbone(tmp_path / "conv")[1].size == 48
+
+
+def test_a_step_restarts_the_position_embeddings_moments_only(world):  # noqa: F811
+    """After AdamW steps, a size step drops the state of the (same) position-embedding
+    parameter, now shaped for the new grid, and leaves every other parameter's moments."""
+    model, _, _ = load_backbone(world["vit"])
+    optimizer = torch.optim.AdamW(model.visual.parameters(), lr=1e-3)
+    for _ in range(2):
+        model.visual(torch.randn(2, 3, 32, 32)).square().sum().backward()
+        optimizer.step()
+    embedding = model.visual.positional_embedding
+    before = {p: {k: v.clone() for k, v in optimizer.state[p].items()}
+              for p in model.visual.parameters() if p is not embedding}
+    assert embedding in optimizer.state
+    set_image_size(model, 48, optimizer)
+    assert embedding not in optimizer.state
+    assert model.visual.positional_embedding is embedding  # the optimizer's own parameter
+    assert embedding.shape == (3 * 3 + 1, 32)
+    assert any(p is embedding for group in optimizer.param_groups for p in group["params"])
+    for p, state in before.items():
+        assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state.items())
+    model.visual(torch.randn(2, 3, 48, 48)).square().sum().backward()
+    optimizer.step()  # the new grid trains, its moments started afresh
+    assert optimizer.state[embedding]["exp_avg"].shape == embedding.shape
 
 
 KILLED_AT_EPOCH_2 = """
 import json, os, signal, sys
 from pathlib import Path
+import tasks.finetune as finetune_module
 from tasks.finetune import finetune
 from tasks.params.finetune import FinetuneRun
 a = json.loads(sys.argv[1])
@@ -131,8 +171,11 @@ def test_sizes_are_one_an_epoch_and_unresizable_towers_are_refused(world):  # no
 
     with pytest.raises(ValueError, match=r"position embeddings open_clip cannot resize "
                                          r"\(attnpool.positional_embedding\)"):
-        check_resizable(AttentionPooled(), {})
+        check_resizable(AttentionPooled(), {}, [224])
     vit, _, _ = load_backbone(world["vit"])
     with pytest.raises(ValueError, match="sin_cos_2d, not learned"):
-        check_resizable(vit.visual, {"pos_embed_type": "sin_cos_2d"})
-    check_resizable(vit.visual, {})
+        check_resizable(vit.visual, {"pos_embed_type": "sin_cos_2d"}, [32])
+    check_resizable(vit.visual, {}, [32, 48])
+    with pytest.raises(ValueError, match=r"40 is not a multiple of the patch size 16, so its "
+                                         r"last 8 px would never be seen; use 32 or 48"):
+        check_resizable(vit.visual, {}, [32, 40])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -94,3 +95,42 @@ def test_siglip_so400m_matches_mdfe_config():
     assert (t.optimizer, t.lr, t.weight_decay, t.epochs, t.batch_size) == (
         "adam", 2e-2, 1e-4, 10, 128)
     assert (t.schedule, t.warmup_fraction, t.seed) == ("cosine", 0.1, 42)  # warm-up: 1 epoch of 10
+
+
+def _node(params: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(params, dict) or part not in params:
+            raise KeyError(dotted)
+        params = params[part]
+    return params
+
+
+def _resolve(text: str, params: dict, key: str | None) -> str | None:
+    """A dvc.yaml string with its ${...} filled from `params` (${key}: the foreach key);
+    None for a templated one of a foreach that makes no stage."""
+    if key is None and "${" in text:
+        return None
+    return re.sub(r"\$\{([^}]+)\}",
+                  lambda m: key if m.group(1) == "key" else str(_node(params, m.group(1))), text)
+
+
+@pytest.mark.parametrize("name", [None, *list_presets()])
+def test_every_param_a_stage_lists_is_in_the_params_it_runs_with(name):
+    """DVC refuses to run a stage whose listed param is missing from params.yaml. A stage
+    group that params.yaml leaves empty (finetune runs, soups) is checked too: a preset
+    fills it, merging into params.yaml's section, so every plain key must be there."""
+    params = BASE if name is None else preset_params(name, BASE)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage, body in stages.items():
+        keys: list[str | None] = ["-"]  # a stage of its own: no ${key} in it
+        if "foreach" in body:
+            keys = list(_node(params, body["foreach"][2:-1])) or [None]
+        for key in keys:
+            for entry in body.get("do", body).get("params", []):
+                dotted = _resolve(entry, params, key)
+                if dotted is not None:
+                    try:
+                        _node(params, dotted)
+                    except KeyError:
+                        pytest.fail(f"{stage}@{key}: param {dotted} is not in the params "
+                                    f"({name or 'params.yaml'})")

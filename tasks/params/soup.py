@@ -22,8 +22,9 @@ class SoupSpec(_Section):
     runs: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+$")]] = Field(
         min_length=1)
     # greedy only: train images the zero-shot PCA of the score is fitted on, a seeded sample
-    # (evaluate.seed); null = all of them, as the evaluate stage fits it. Every try embeds
-    # them anew (read from the shards a batch at a time): cap it on a large train split.
+    # (evaluate.seed); null = as the evaluate stage fits it (at most evaluate.pca_train_max).
+    # Every try embeds them anew (read from the shards a batch at a time): cap it lower on a
+    # large train split to score faster.
     pca_fit_images: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
