@@ -13,7 +13,8 @@ from tasks.params.evaluate import EvaluateParams
 from tasks.params.extract import ExtractParams
 from tasks.params.soup import SoupParams, SoupSpec
 from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
-from tasks.soup import greedy_soup, score_settings, uniform_soup, validation_scorer
+from tasks.soup import greedy_soup, uniform_soup
+from tasks.soup_score import score_settings, validation_scorer
 
 # DVC caches the soup folder: Prefect's own result caching stays off.
 make_uniform = task(uniform_soup, name="uniform-soup", cache_policy=NO_CACHE)
@@ -31,7 +32,7 @@ def soup(name: str, spec: SoupSpec, evaluate: EvaluateParams, extract: ExtractPa
         info = make_uniform(runs, out)
     else:
         # Scored on the CPU (fp32, extract.cpu_threads threads; search on evaluate.threads)
-        # with only the settings dvc.yaml lists for the stage (tasks.soup.SCORE_FIELDS).
+        # with only the settings dvc.yaml lists for the stage (tasks.soup_score.SCORE_FIELDS).
         scoring, embedding = score_settings(evaluate, extract)
         faiss.omp_set_num_threads(scoring.threads)
         score = validation_scorer(SHARDS_DIR, MANIFEST, scoring, embedding, spec.pca_fit_images)

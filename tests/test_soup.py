@@ -37,8 +37,9 @@ from tasks.schemas.manifest import MANIFEST_SCHEMA
 from tasks.schemas.paths import FINETUNED_DIR, MANIFEST, SHARDS_DIR, SOUPS_DIR
 from tasks.schemas.shards import read_split
 from tasks.shard import plan_shards, write_shards
-from tasks.soup import (SCORE_FIELDS, SoupError, embed_samples, greedy_soup, score_settings,
-                        uniform_soup, validation_score, validation_scorer)
+from tasks.soup import SoupError, greedy_soup, uniform_soup
+from tasks.soup_score import (SCORE_FIELDS, embed_samples, score_settings, validation_score,
+                              validation_scorer)
 
 CONFIG = {"model_cfg": {"embed_dim": 3}, "preprocess_cfg": {"size": 8}}
 
