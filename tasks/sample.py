@@ -118,7 +118,6 @@ def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, pa
     classes, skipped = choose_classes(catalog, source, num_classes, params.seed,
                                       params.pick.get(source, "random"), params.min_images)
     groups = class_groups(classes, params.eval_fraction, params.test_fraction)
-    sizes = dict(catalog.group_by("label").len().iter_rows())
     # every chosen class's paths in one pass (a filter a class would read the whole catalog
     # once a class: 10,000 landmark classes x 1.6M rows in the 2xclip preset)
     paths_of = dict(catalog.filter(pl.col("label").is_in(classes)).group_by("label")
@@ -134,7 +133,7 @@ def sample_source(catalog: pl.DataFrame, source: str, num_classes: int | str, pa
                 split = "val" if is_minority(j, params.val_fraction) else "train"
             rows.append({"key": image_key(source, path), "source": source, "label": label,
                          "path": path, "split": split, "group": groups[label],
-                         "class_images": sizes[label]})
+                         "class_images": len(paths_of[label])})
     schema = {c: pl.String for c in ("key", "source", "label", "path", "split", "group")}
     return pl.DataFrame(rows, schema={**schema, "class_images": pl.Int64}), skipped
 
