@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
 from tasks.decode import decode_pool, release_pool
 from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
-from tasks.finetune_resolution import check_resizable, config_at, preprocess_at, set_image_size
+from tasks.finetune_resolution import check_resizable, config_at, set_image_size
 from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
                                   rng_state, run_folder, save_checkpoint, training_images)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
@@ -190,7 +190,7 @@ def finetune(run: FinetuneRun, name: str, base_dir: Path, out_dir: Path, *,
 def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
               manifest: Path, shards_dir: Path,
               progress: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
-    model, base_preprocess, info = load_backbone(base_dir)
+    model, preprocess, info = load_backbone(base_dir)
     tower_parts(model.visual)  # refuse an unknown tower before any work
     if run.image_sizes:
         vision_cfg = json.loads((base_dir / CONFIG_NAME).read_text())["model_cfg"]["vision_cfg"]
@@ -218,6 +218,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         if history_size := state["history"][-1].get("image_size"):
             size = history_size
             set_image_size(model, size)  # the checkpoint's grid, before its values load
+            preprocess = Preprocess.from_cfg(model.visual.preprocess_cfg)
         model.visual.load_state_dict(state["visual"])
         head.load_state_dict(state["head"])
         arc.load_state_dict(state["arc"])
@@ -225,7 +226,6 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
         history = state["history"]
     steps = steps_per_epoch(len(samples), run)
     trainer, resume = None, state["trainer"] if state is not None else None
-    preprocess = None
     for epoch in range(len(history) + 1, run.epochs + 1):
         phase = phase_of(run, epoch)
         if trainer is None or trainer.phase != phase:
@@ -234,12 +234,11 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
                 trainer.load_state_dict(resume)
             resume = None
         if run.image_size(epoch, size) != size:
+            if run.workers:
+                release_pool(preprocess, run.workers)  # the last size's decoding processes
             size = run.image_size(epoch, size)
-            set_image_size(model, size, trainer.opt)
-        if preprocess is not None and preprocess.size != size and run.workers:
-            release_pool(preprocess, run.workers)  # the last size's decoding processes
-        preprocess = (base_preprocess if size == base_preprocess.size
-                      else preprocess_at(base_preprocess, size))
+            set_image_size(model, size, trainer.opt)  # and the tower's preprocess_cfg
+            preprocess = Preprocess.from_cfg(model.visual.preprocess_cfg)
         arc.margins.fill_(run.margin(epoch))
         groups = list(epoch_groups(len(samples), run, generator))
         batches = epoch_batches(samples, labels, [idx for group in groups for idx in group],

@@ -24,7 +24,6 @@ from open_clip.model import resize_pos_embed
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from tasks.preprocess import Preprocess
 
 
 def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any], sizes: list[int]) -> None:
@@ -58,7 +57,8 @@ def check_resizable(visual: nn.Module, vision_cfg: dict[str, Any], sizes: list[i
 
 def set_image_size(model: nn.Module, size: int,
                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Make `model`'s tower take `size` x `size` inputs, in place. A ViT's position
+    """Make `model`'s tower take `size` x `size` inputs, in place: its preprocess_cfg (what
+    `Preprocess.from_cfg` reads) says `size`, and a ViT's position
     embeddings are interpolated to the new grid (on the CPU in float32, so the result is the
     same bytes on any device), and their optimizer moments (shaped for the old grid) restart,
     as for a new parameter; every other parameter keeps its own."""
@@ -77,12 +77,6 @@ def set_image_size(model: nn.Module, size: int,
         embedding.grad = None  # shaped for the old grid
         if optimizer is not None:
             optimizer.state.pop(embedding, None)
-
-
-def preprocess_at(preprocess: Preprocess, size: int) -> Preprocess:
-    """The same preprocessing (mean, std, interpolation, resize mode) at another size."""
-    return Preprocess(size, preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist(),
-                      preprocess.interpolation, preprocess.resize_mode)
 
 
 def config_at(config: dict[str, Any], size: int) -> dict[str, Any]:
