@@ -323,7 +323,7 @@ from tasks.finetune import finetune
 from tasks.params.finetune import FinetuneRun
 a = json.loads(sys.argv[1])
 def die(row):
-    if row["epoch"] == 1:  # the epoch's checkpoint is on disk: die as the OOM killer kills
+    if row["epoch"] == a.get("kill_after", 1):  # its checkpoint is on disk: die as OOM kills
         os.kill(os.getpid(), signal.SIGKILL)
 finetune(FinetuneRun(**a["run"]), "ft", Path(a["base"]), Path(a["out"]),
          manifest=Path(a["manifest"]), shards_dir=Path(a["shards"]), progress=die)

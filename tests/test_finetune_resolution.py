@@ -26,7 +26,7 @@ import tasks.finetune as finetune_module
 from tasks.finetune import finetune
 from tasks.finetune_resolution import check_resizable, set_image_size
 from tasks.params.finetune import FinetuneRun
-from test_finetune import run_params, tune, world  # noqa: F401  (world: the fixture)
+from test_finetune import KILLED_RUN, run_params, tune, world  # noqa: F401  (world: fixture)
 
 X48 = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(2))
 
@@ -116,21 +116,6 @@ def test_a_step_restarts_the_position_embeddings_moments_only(world):  # noqa: F
     assert optimizer.state[embedding]["exp_avg"].shape == embedding.shape
 
 
-KILLED_AT_EPOCH_2 = """
-import json, os, signal, sys
-from pathlib import Path
-import tasks.finetune as finetune_module
-from tasks.finetune import finetune
-from tasks.params.finetune import FinetuneRun
-a = json.loads(sys.argv[1])
-def die(row):
-    if row["epoch"] == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-finetune(FinetuneRun(**a["run"]), "ft", Path(a["base"]), Path(a["out"]),
-         manifest=Path(a["manifest"]), shards_dir=Path(a["shards"]), progress=die)
-"""
-
-
 def test_a_run_killed_after_a_resolution_step_resumes_to_the_same_bytes(
         world, tmp_path):  # noqa: F811
     """Killed after epoch 2 (48 px): the checkpoint's grid is restored before its values,
@@ -141,9 +126,9 @@ def test_a_run_killed_after_a_resolution_step_resumes_to_the_same_bytes(
     run = run_params(tmp_path / "b", **changes)
     args = {"run": run.model_dump(), "base": str(world["vit"]),
             "out": str(tmp_path / "b" / "out"), "manifest": str(world["manifest"]),
-            "shards": str(world["shards"])}
+            "shards": str(world["shards"]), "kill_after": 2}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", KILLED_AT_EPOCH_2, json.dumps(args)],
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-3000:]
     epochs = []
