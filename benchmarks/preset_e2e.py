@@ -254,7 +254,6 @@ def run(work: Path, preset: str, resume: bool = False) -> dict:
                PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1",
                HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="b",
                GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
-    models = {}
     if resume:
         setup = read_json(work / "setup.json")
         if setup["preset"] != preset:
