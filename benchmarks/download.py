@@ -3,10 +3,11 @@
 Runs the `urls` source's own fetcher (`tasks.urls.fetch_urls`: pooled
 connections, per-host limit, retries, atomic writes into the download
 cache) over N small JPEGs served by the test suite's loopback server, which
-runs in a process of its own. The server can add a fixed delay per response to stand in for network latency
-(a real image CDN answers in tens of milliseconds); with none, the figure is
-the fetcher's own overhead. Prints JSON with images/s and each setting's
-speed-up over one connection. Run on demand:
+runs in a process of its own. The server can add a fixed delay per response
+to stand in for network latency (a real image CDN answers in tens of
+milliseconds); with none, the figure is the fetcher's own overhead. Prints
+JSON with images/s and each setting's speed-up over one connection. Run on
+demand:
 `python benchmarks/download.py [--images 600] [--latency-ms 0 20]`.
 """
 
@@ -54,7 +55,8 @@ def serve(images: int, latency_ms: float, conn, stop) -> None:
 def run(images: int, latency_ms: float, connections: int) -> dict:
     parent, child = multiprocessing.Pipe()
     stop = multiprocessing.Event()
-    proc = multiprocessing.Process(target=serve, args=(images, latency_ms, child, stop), daemon=True)
+    proc = multiprocessing.Process(target=serve, args=(images, latency_ms, child, stop),
+                                   daemon=True)
     proc.start()
     url, total = parent.recv()
     rows = [UrlRow(f"{url}/img/{i}.jpg", str(i % 10)) for i in range(images)]
@@ -70,8 +72,9 @@ def run(images: int, latency_ms: float, connections: int) -> dict:
     in_flight = parent.recv()
     proc.join()
     failed = sum(f.path is None for f in fetched)
-    return {"latency_ms": latency_ms, "connections": connections, "images": images, "failed": failed,
-            "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
+    return {"latency_ms": latency_ms, "connections": connections, "images": images,
+            "failed": failed, "seconds": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1),
             "mb_per_s": round(total / seconds / 1e6, 2), "max_in_flight": in_flight}
 
 

@@ -42,10 +42,13 @@ from tasks.preprocess import decode_rgb
 from tasks.schemas.shards import read_shard
 
 # name -> (open_clip architecture, tag whose preprocessing it takes)
-RANDOM_INIT = {"vit_s32": ("ViT-S-32", None), "vit_b32": ("ViT-B-32", "laion2b_s34b_b79k"),
-               "vit_l14": ("ViT-L-14", "laion2b_s32b_b82k"), "vit_l14_336": ("ViT-L-14-336", "openai"),
+RANDOM_INIT = {"vit_s32": ("ViT-S-32", None),
+               "vit_b32": ("ViT-B-32", "laion2b_s34b_b79k"),
+               "vit_l14": ("ViT-L-14", "laion2b_s32b_b82k"),
+               "vit_l14_336": ("ViT-L-14-336", "openai"),
                "siglip_so400m": ("ViT-SO400M-14-SigLIP-384", "webli")}
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "cat"]
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
+          "hubble_deep_field", "cat"]
 
 
 def write_shards(out: Path, images: int, per_shard: int, seed: int, start: int = 0) -> list[Path]:
@@ -66,7 +69,8 @@ def write_shards(out: Path, images: int, per_shard: int, seed: int, start: int =
                 crop.thumbnail((512, 512), Image.BICUBIC)
                 buf = io.BytesIO()
                 crop.save(buf, format="JPEG", quality=92)
-                sink.write({"__key__": f"img-{i:06d}", "cls": str(i % 10).encode(), "jpg": buf.getvalue()})
+                sink.write({"__key__": f"img-{i:06d}", "cls": str(i % 10).encode(),
+                            "jpg": buf.getvalue()})
         paths.append(path)
     return paths
 
@@ -79,7 +83,8 @@ def backbone_dir(name: str, work: Path) -> Path:
         build_variant(name, EfficientNetLiteModel(kind="efficientnet_lite", arch=name), out)
     else:
         arch, tag = RANDOM_INIT[name]
-        config = open_clip_variant_config(arch, open_clip.get_pretrained_cfg(arch, tag) if tag else {})
+        pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+        config = open_clip_variant_config(arch, pretrained_cfg)
         torch.manual_seed(0)
         out.mkdir(parents=True, exist_ok=True)
         model = _model_from_config(out, config)
@@ -95,15 +100,17 @@ def bare_images_per_s(embedder: Embedder, batches: list[torch.Tensor]) -> float:
     return n / (time.perf_counter() - start)
 
 
-def pipeline_seconds(shards: list[Path], out: Path, model_dir: Path, params: ExtractParams) -> tuple[float, int]:
+def pipeline_seconds(shards: list[Path], out: Path, model_dir: Path,
+                     params: ExtractParams) -> tuple[float, int]:
     w = get_worker(str(model_dir), params)
     start = time.perf_counter()
-    embedded = sum(embed_shard(s, out / f"{s.stem}.arrow", w.embedder, w.preprocess, params, w.metadata,
-                               cache=w.cache)["embedded"] for s in shards)
+    embedded = sum(embed_shard(s, out / f"{s.stem}.arrow", w.embedder, w.preprocess, params,
+                               w.metadata, cache=w.cache)["embedded"] for s in shards)
     return time.perf_counter() - start, embedded
 
 
-def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repeats: int, work: Path) -> dict:
+def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repeats: int,
+          work: Path) -> dict:
     model_dir = backbone_dir(name, work / "models")
     shards = write_shards(work / name / "shards", images, per_shard, seed=0)
     model, preprocess, info = load_backbone(model_dir)
@@ -118,7 +125,8 @@ def bench(name: str, images: int, per_shard: int, batch: int, workers: str, repe
     batches = [torch.stack(tensors[i:i + batch]) for i in range(0, len(tensors), batch)]
     warm = write_shards(work / name / "warm", 2 * batch, 2 * batch, seed=1)
     pipeline_seconds(warm, work / name / "feat-warm", model_dir, params)  # warm-up
-    # alternate the two, `repeats` times each, and take the medians: these CPUs drift by ~5% run to run
+    # alternate the two, `repeats` times each, and take the medians: these CPUs drift by ~5%
+    # run to run
     bares, pipes = [], []
     for _ in range(repeats):
         bares.append(bare_images_per_s(embedder, batches))
@@ -145,14 +153,16 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["lite0", "vit_s32"],
                         choices=["lite0", "lite2", *RANDOM_INIT])
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--per-shard", type=int, default=256)  # the embedded default's shard.max_samples
+    # the embedded default's shard.max_samples
+    parser.add_argument("--per-shard", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", default="auto", help="extract.num_workers: auto, or a number")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="guie-bench-extract-"))
     try:
-        results = [bench(b, args.images, args.per_shard, args.batch, args.workers, args.repeats, work) for b in args.backbones]
+        results = [bench(b, args.images, args.per_shard, args.batch, args.workers, args.repeats,
+                         work) for b in args.backbones]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2))

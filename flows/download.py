@@ -38,8 +38,8 @@ URL_CHUNK = 2000  # URLs per Prefect task: one task per image would swamp the AP
 def _worth_retrying(task, task_run, state) -> bool:
     """Only network trouble is retried (a wrong checksum or a missing file will not fix itself)."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (FetchError, httpx.HTTPError, ConnectionError, TimeoutError)) and not isinstance(
-        exc, ChecksumMismatch)
+    transient = (FetchError, httpx.HTTPError, ConnectionError, TimeoutError)
+    return isinstance(exc, transient) and not isinstance(exc, ChecksumMismatch)
 
 
 fetch_fashion_mnist = task(dl.write_fashion_mnist, name="fetch-fashion-mnist",
@@ -65,8 +65,8 @@ def fetch_one(item: Fetch, cache: Path, bar: tqdm | None = None, fresh: bool = F
 @task(name="fetch-urls", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, source: str,
                     bar: tqdm | None = None) -> list:
-    return fetch_urls(rows, cache, concurrency=spec.concurrency, per_host=spec.per_host, retries=spec.retries,
-                      timeout_s=spec.timeout_s, backoff_s=spec.backoff_s,
+    return fetch_urls(rows, cache, concurrency=spec.concurrency, per_host=spec.per_host,
+                      retries=spec.retries, timeout_s=spec.timeout_s, backoff_s=spec.backoff_s,
                       on_done=(lambda _: bar.update(1)) if bar is not None else None,
                       limit=ByteLimit(spec.max_image_bytes, f"sources.{source}.max_image_bytes"),
                       allow_private=spec.allow_private_addresses, source=f"sources.{source}",
@@ -75,7 +75,10 @@ def fetch_url_chunk(rows: list[UrlRow], cache: Path, spec: UrlsSource, source: s
 
 
 def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
-    """Fetch, place and read a dataset source; returns its catalog rows (skips go to skipped.parquet)."""
+    """Fetch, place and read a dataset source; returns its catalog rows.
+
+    Skipped files go to skipped.parquet.
+    """
     log = get_run_logger()
     cache = Path(spec.download_cache).resolve()
     items = spec.fetches()
@@ -85,7 +88,8 @@ def _dataset(source: str, spec: DatasetSource, root: Path) -> list[dict]:
         paths = [f.result() for f in fetch_one.map(items, unmapped(cache), unmapped(bar),
                                                    source=unmapped(source), limit=unmapped(limit),
                                                    time_limit=unmapped(slow))]
-    placed = place.map(paths, items, unmapped(root), unmapped(spec), unmapped(source))  # archives: extracted
+    # archives are extracted here
+    placed = place.map(paths, items, unmapped(root), unmapped(spec), unmapped(source))
     bases = [b for b in (f.result() for f in placed) if b is not None]
     dataset_root, rows, skips = dl.read_layout(spec.kind, spec, [root] + bases)
     rows, skips = dl.adopt_rows(dataset_root, rows, skips, root)
@@ -114,8 +118,9 @@ def _urls(source: str, spec: UrlsSource, root: Path) -> list[dict]:
     catalog, failures = dl.adopt_urls(fetched, root)
     dl.write_failures(failures, root)
     seconds = time.perf_counter() - start
-    log.info("download[%s]: %d of %d URLs fetched or cached in %.1f s (%.1f/s), %d failed (failures.parquet)",
-             source, len(catalog), len(rows), seconds, len(rows) / max(seconds, 1e-9), len(failures))
+    log.info("download[%s]: %d of %d URLs fetched or cached in %.1f s (%.1f/s), "
+             "%d failed (failures.parquet)", source, len(catalog), len(rows), seconds,
+             len(rows) / max(seconds, 1e-9), len(failures))
     for f in failures[:20]:
         log.warning("failed %s: %s", f["url"], f["error"])
     return catalog
@@ -146,10 +151,12 @@ def download(source: str, spec: SourceParams) -> int:
         else:
             rows = _dataset(source, spec, root)
         if not rows:
-            raise LayoutError(f"download[{source}]: no usable images found (see skipped/failures tables)")
+            raise LayoutError(f"download[{source}]: no usable images found "
+                              "(see skipped/failures tables)")
         table = dl.write_catalog(rows, root, source)
     labels = len(set(table.column("label").to_pylist()))
-    log.info("download[%s]: %d images in %d classes -> %s", source, table.num_rows, labels, RAW_DIR / source)
+    log.info("download[%s]: %d images in %d classes -> %s", source, table.num_rows, labels,
+             RAW_DIR / source)
     return table.num_rows
 
 

@@ -18,10 +18,14 @@ DEFAULT_MODEL = EXPORT_DIR / "embedder.pt2"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.embed", description="Embed and search images with the exported 64-d embedder.")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"exported embedder (default: {DEFAULT_MODEL})")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.embed",
+        description="Embed and search images with the exported 64-d embedder.")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help=f"exported embedder (default: {DEFAULT_MODEL})")
     sub = parser.add_subparsers(dest="command", required=True)
-    idx = sub.add_parser("index", help="embed every image under a folder into Parquet (path, embedding)")
+    idx = sub.add_parser("index",
+                         help="embed every image under a folder into Parquet (path, embedding)")
     idx.add_argument("folder", type=Path)
     idx.add_argument("--out", type=Path, required=True)
     find = sub.add_parser("search", help="top-k neighbours of a query image in an index")
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("-k", type=int, default=5)
     args = parser.parse_args(argv)
     if not args.model.is_file():
-        print(f"error: {args.model}: no exported embedder; run `dvc repro export` first", file=sys.stderr)
+        print(f"error: {args.model}: no exported embedder; run `dvc repro export` first",
+              file=sys.stderr)
         return 2
     model = load_exported(args.model)
     if args.command == "index":

@@ -1,4 +1,7 @@
-"""Stage `export`: backbones + head -> data/07_export/embedder.pt2 (uint8 images -> 64-d), verified."""
+"""Stage `export`: backbones + head -> data/07_export/embedder.pt2, verified.
+
+The file maps uint8 images to 64-d embeddings.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ def export(params: ExportParams, sources: dict[str, str], backbones: list[str]) 
     samples = list(islice(read_split(SHARDS_DIR, "query"), params.verify_images))
     images = [decode_rgb(s.jpeg) for s in samples]
     # Batch 2 and H != W in the example, so neither dimension gets specialised.
-    example = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
     export_embedder(Embedder(towers, head), EMBEDDER, example)
 
     # The pipeline's own embeddings of the same images: stored features through the head.
@@ -70,13 +74,16 @@ def export(params: ExportParams, sources: dict[str, str], backbones: list[str]) 
     expected = embed_with_head(head, query.embeddings[[row[s.key] for s in samples]])
     got = embed_images(load_exported(EMBEDDER), images)
     diff = float(np.abs(got - expected).max())
-    report = {"file": EMBEDDER.name, "variants": variants, "input": "uint8 RGB (N, 3, H, W), any H, W >= 16",
-              "output": f"float32 (N, {got.shape[1]}), L2-normalised", "verified_images": len(samples),
+    report = {"file": EMBEDDER.name, "variants": variants,
+              "input": "uint8 RGB (N, 3, H, W), any H, W >= 16",
+              "output": f"float32 (N, {got.shape[1]}), L2-normalised",
+              "verified_images": len(samples),
               "max_abs_diff_vs_pipeline": diff, "tolerance": params.tolerance,
               "torch": torch.__version__}
     write_json(EXPORT_DIR / "embedder.json", report)
     if diff > params.tolerance:
-        raise RuntimeError(f"exported embedder differs from the pipeline by {diff:.2e} > {params.tolerance:.0e}")
+        raise RuntimeError(f"exported embedder differs from the pipeline by {diff:.2e} "
+                           f"> {params.tolerance:.0e}")
     log.info("export: %s verified on %d eval images, max |diff| %.2e", EMBEDDER, len(samples), diff)
     return report
 

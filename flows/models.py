@@ -1,4 +1,7 @@
-"""Stage `models`: one backbone variant into data/00_models/<variant>/ (open_clip local-dir layout)."""
+"""Stage `models`: one backbone variant into data/00_models/<variant>/.
+
+The folder is in open_clip's local-dir layout.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ def _worth_retrying(task, task_run, state) -> bool:
     return not isinstance(exc, (WeightsUnavailable, ValueError, FileNotFoundError))
 
 
-@task(name="build-variant", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying)
+@task(name="build-variant", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_worth_retrying)
 def build(variant: str, spec: ModelParams) -> dict:
     return build_variant(variant, spec, MODELS_DIR / variant)
 
@@ -26,8 +30,8 @@ def build(variant: str, spec: ModelParams) -> dict:
 def models(variant: str, spec: ModelParams) -> dict:
     """Convert or fetch the weights, verify them, and write them where open_clip loads them."""
     info = build(variant, spec)
-    get_run_logger().info("models[%s]: %s / %s, sha256 %s", variant, info["model_name"], info["pretrained"],
-                          info["checkpoint_sha256"][:12])
+    get_run_logger().info("models[%s]: %s / %s, sha256 %s", variant, info["model_name"],
+                          info["pretrained"], info["checkpoint_sha256"][:12])
     return info
 
 

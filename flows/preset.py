@@ -18,9 +18,11 @@ from tasks.schemas.io import write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.preset", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.preset",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help=f"one of {list_presets()}")
-    parser.add_argument("--check", action="store_true", help="validate only; leave params.yaml alone")
+    parser.add_argument("--check", action="store_true",
+                        help="validate only; leave params.yaml alone")
     args = parser.parse_args(argv)
     if not args.name:
         print("presets:", " ".join(list_presets()))
@@ -33,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     changed = sorted(k for k in merged if merged[k] != base.get(k))
     if not args.check:
-        header = f"# Preset `{args.name}` applied by `python -m flows.preset {args.name}` (see presets/{args.name}.yaml).\n"
-        write_bytes(PARAMS_FILE, (header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True)).encode())
-    print(f"preset {args.name}: {'valid' if args.check else 'applied'}; sections changed: {', '.join(changed) or 'none'}")
+        header = (f"# Preset `{args.name}` applied by `python -m flows.preset {args.name}` "
+                  f"(see presets/{args.name}.yaml).\n")
+        body = yaml.safe_dump(merged, sort_keys=False, allow_unicode=True)
+        write_bytes(PARAMS_FILE, (header + body).encode())
+    verdict = "valid" if args.check else "applied"
+    print(f"preset {args.name}: {verdict}; sections changed: {', '.join(changed) or 'none'}")
     return 0
 
 

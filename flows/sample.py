@@ -18,7 +18,8 @@ from tasks.schemas.raw import CATALOG_SCHEMA
 
 
 def read_catalogs(sources: list[str]) -> dict[str, pl.DataFrame]:
-    return {s: pl.from_arrow(read_table(RAW_DIR / s / CATALOG_NAME, CATALOG_SCHEMA)) for s in sources}
+    return {s: pl.from_arrow(read_table(RAW_DIR / s / CATALOG_NAME, CATALOG_SCHEMA))
+            for s in sources}
 
 
 @flow(name="sample")
@@ -34,7 +35,8 @@ def sample(sources: list[str], params: SampleParams) -> dict:
     summary = {
         "images": manifest.num_rows,
         "classes": len(set(manifest.column("class_id").to_pylist())),
-        "per_source_split": {f"{r['source']}/{r['split']}": r["len"] for r in counts.iter_rows(named=True)},
+        "per_source_split": {f"{r['source']}/{r['split']}": r["len"]
+                             for r in counts.iter_rows(named=True)},
         # Classes per group: training, validation (choices are made on them), test (reported).
         "classes_per_source_group": {f"{r['source']}/{r['group']}": r["n"]
                                      for r in groups.iter_rows(named=True)},

@@ -202,7 +202,7 @@ def _extract_zip(archive: Path, root: Path, budget: _Budget, source: str) -> Non
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """TarInfo that refuses a long-name or PAX header over MAX_TAR_HEADER_BYTES before reading it."""
+    """TarInfo that refuses a long-name or PAX header over MAX_TAR_HEADER_BYTES unread."""
 
     def _proc_gnulong(self, tf):  # type: ignore[no-untyped-def]
         self._bounded()

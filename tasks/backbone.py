@@ -22,8 +22,9 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
-def load_backbone(model_dir: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, Preprocess, dict[str, Any]]:
-    """Load a variant through open_clip; returns (model in eval mode, tensor preprocess, model info).
+def load_backbone(model_dir: Path | str,
+                  device: str = "cpu") -> tuple[torch.nn.Module, Preprocess, dict[str, Any]]:
+    """Load a variant through open_clip: (model in eval mode, tensor preprocess, model info).
 
     The preprocessing follows the config open_clip resolved for the model
     (size, mean, std, interpolation, resize mode), as a module on uint8

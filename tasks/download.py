@@ -38,15 +38,21 @@ Row = dict[str, str]
 
 
 def check_source(name: str, spec: SourceParams) -> None:
-    """Fail before any work when a source's local path is missing (a typo, an uninstalled package)."""
+    """Fail before any work when a source's local path is missing.
+
+    That is a typo, or a package that is not installed.
+    """
     if isinstance(spec, ImageFolderSource) and not Path(spec.path).is_dir():
-        raise ParamsError(f"sources.{name}.path = '{spec.path}': no such folder; give a folder with one sub-folder per class")
+        raise ParamsError(f"sources.{name}.path = '{spec.path}': no such folder; "
+                          "give a folder with one sub-folder per class")
     if isinstance(spec, FashionMnistSource):
         if urlparse(spec.uri).scheme not in ("", "file", "http", "https"):
-            raise ParamsError(f"sources.{name}.uri = '{spec.uri}': allowed schemes are file://, http://, https://")
+            raise ParamsError(f"sources.{name}.uri = '{spec.uri}': "
+                              "allowed schemes are file://, http://, https://")
         local = local_path(spec.uri)
         if local is not None and not local.is_dir():
-            raise ParamsError(f"sources.{name}.uri = '{spec.uri}': no such folder ({fashion_mnist.DEBIAN_HINT})")
+            raise ParamsError(f"sources.{name}.uri = '{spec.uri}': "
+                              f"no such folder ({fashion_mnist.DEBIAN_HINT})")
     if not isinstance(spec, (DatasetSource, UrlsSource)):
         return
     for url in [f.url for f in spec.fetches()] if isinstance(spec, DatasetSource) else [spec.uri]:
@@ -62,7 +68,8 @@ def check_source(name: str, spec: SourceParams) -> None:
             except ValueError as exc:
                 raise ParamsError(f"sources.{name}.uri = {exc}") from None
             if not kaggle_credentials():
-                raise ParamsError(f"sources.{name}.uri = '{url}': no Kaggle credentials found. {KAGGLE_HELP}")
+                raise ParamsError(f"sources.{name}.uri = '{url}': "
+                                  f"no Kaggle credentials found. {KAGGLE_HELP}")
 
 
 @contextmanager
@@ -195,16 +202,19 @@ def layout_of(kind: str, spec: SourceParams) -> layouts.Layout:
     return layouts.LAYOUTS[kind]
 
 
-def read_layout(kind: str, spec: SourceParams, bases: list[Path]) -> tuple[Path, list[Row], list[Skip]]:
-    """Find the dataset root among `bases` and read its catalog rows (paths relative to the root)."""
+def read_layout(kind: str, spec: SourceParams,
+                bases: list[Path]) -> tuple[Path, list[Row], list[Skip]]:
+    """Find the dataset root among `bases`; read its catalog rows (paths relative to the root)."""
     layout = layout_of(kind, spec)
     root = layouts.find_root(bases, layout.is_root)
     if root is None:
-        raise layouts.LayoutError(f"{kind}: found no folder with {layout.expected} in {[str(b) for b in bases]}")
+        searched = [str(b) for b in bases]
+        raise layouts.LayoutError(f"{kind}: found no folder with {layout.expected} in {searched}")
     return (root, *layout.read(root))
 
 
-def adopt_rows(root: Path, rows: list[Row], skips: list[Skip], stage: Path) -> tuple[list[Row], list[Skip]]:
+def adopt_rows(root: Path, rows: list[Row], skips: list[Skip],
+               stage: Path) -> tuple[list[Row], list[Skip]]:
     """Rows with paths relative to the source folder; files outside it are linked in."""
     if root.resolve().is_relative_to(stage.resolve()):
         prefix = root.resolve().relative_to(stage.resolve())
@@ -217,8 +227,10 @@ def adopt_rows(root: Path, rows: list[Row], skips: list[Skip], stage: Path) -> t
 
 
 def write_skips(skips: list[Skip], root: Path) -> None:
-    rows = sorted(({"path": s.path, "label": s.label, "reason": s.reason} for s in skips), key=lambda r: r["path"])
-    write_table(root / SKIPPED_NAME, pa.Table.from_pylist(rows, schema=SKIPPED_SCHEMA), SKIPPED_SCHEMA)
+    rows = sorted(({"path": s.path, "label": s.label, "reason": s.reason} for s in skips),
+                  key=lambda r: r["path"])
+    table = pa.Table.from_pylist(rows, schema=SKIPPED_SCHEMA)
+    write_table(root / SKIPPED_NAME, table, SKIPPED_SCHEMA)
 
 
 # ------------------------------------------------------------------- URL lists
@@ -239,4 +251,5 @@ def adopt_urls(fetched: list[Fetched], stage: Path) -> tuple[list[Row], list[dic
 
 def write_failures(failures: list[dict], root: Path) -> None:
     rows = sorted(failures, key=lambda r: r["url"])
-    write_table(root / FAILURES_NAME, pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), FAILURES_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA)
+    write_table(root / FAILURES_NAME, table, FAILURES_SCHEMA)

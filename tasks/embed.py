@@ -23,9 +23,14 @@ def load_image(path: Path) -> torch.Tensor:
     return decode_rgb(jpeg)
 
 
-def embed_folder(model: torch.nn.Module, folder: Path, batch: int = 64) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """(relative paths, embeddings, [(path, reason)] of skipped files) for every image under `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def embed_folder(model: torch.nn.Module, folder: Path,
+                 batch: int = 64) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(relative paths, embeddings, [(path, reason)] of skipped files) of the images in `folder`.
+
+    Every image under `folder`, at any depth, is embedded.
+    """
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     paths, chunks, skipped = [], [], []
     pending: list[tuple[str, torch.Tensor]] = []
 
@@ -49,13 +54,14 @@ def embed_folder(model: torch.nn.Module, folder: Path, batch: int = 64) -> tuple
 
 def write_index(out: Path, paths: list[str], embeddings: np.ndarray) -> None:
     dim = embeddings.shape[1]
-    table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding_array(embeddings)},
-                     schema=index_schema(dim))
+    columns = {"path": pa.array(paths, pa.string()), "embedding": embedding_array(embeddings)}
+    table = pa.table(columns, schema=index_schema(dim))
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
 
 
-def search(model: torch.nn.Module, index_file: Path, image: Path, k: int = 5) -> list[tuple[str, float]]:
+def search(model: torch.nn.Module, index_file: Path, image: Path,
+           k: int = 5) -> list[tuple[str, float]]:
     """Top-k (path, Euclidean distance) of the index for one query image."""
     table = pq.read_table(index_file)
     emb = embeddings_of(table)

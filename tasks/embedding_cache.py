@@ -136,8 +136,8 @@ class EmbeddingCache:
     def __init__(self, root: Path | str, key: dict[str, Any], dim: int):
         self.dir = Path(root) / namespace_of(key)
         self.dim = dim
-        self._schema = pa.schema([pa.field("digest", pa.binary(32), nullable=False),
-                                  pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)],
+        embedding = pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)
+        self._schema = pa.schema([pa.field("digest", pa.binary(32), nullable=False), embedding],
                                  metadata={"cache_key": json.dumps(key, sort_keys=True)})
         self._lock = threading.Lock()
         self._where: dict[bytes, tuple[int, int]] = {}
@@ -167,7 +167,8 @@ class EmbeddingCache:
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
             if table.schema.field("embedding").type.list_size != self.dim:
-                raise ValueError(f"embedding dim {table.schema.field('embedding').type.list_size} != {self.dim}")
+                stored = table.schema.field("embedding").type.list_size
+                raise ValueError(f"embedding dim {stored} != {self.dim}")
         except (pa.ArrowInvalid, KeyError, ValueError) as exc:
             log.warning("embedding cache: skipping unreadable chunk %s (%s)", path, exc)
             return
@@ -198,7 +199,8 @@ class EmbeddingCache:
             return
         table = pa.Table.from_arrays(
             [pa.array(list(digests), type=pa.binary(32)),
-             embedding_array(np.asarray(embeddings, dtype=np.float32).reshape(len(digests), self.dim))],
+             embedding_array(np.asarray(embeddings, dtype=np.float32)
+                             .reshape(len(digests), self.dim))],
             schema=self._schema)
         target = self.dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.arrow"
         write_ipc(target, table)

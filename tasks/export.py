@@ -30,7 +30,8 @@ class Embedder(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = [F.normalize(visual(pre(images)), dim=-1) for pre, visual in zip(self.preprocess, self.backbones)]
+        feats = [F.normalize(visual(pre(images)), dim=-1)
+                 for pre, visual in zip(self.preprocess, self.backbones)]
         return self.head(torch.cat(feats, dim=1)).float()
 
 

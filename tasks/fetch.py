@@ -40,8 +40,9 @@ from tasks.schemas.io import scratch_dir, sha256_file
 # ------------------------------------------------------------------------ kaggle
 
 KAGGLE_HELP = (
-    "Kaggle needs an API token: on https://www.kaggle.com/settings choose 'Create New Token', save the "
-    "downloaded kaggle.json as ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY; "
+    "Kaggle needs an API token: on https://www.kaggle.com/settings choose "
+    "'Create New Token', save the downloaded kaggle.json as ~/.kaggle/kaggle.json "
+    "(chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY; "
     "then accept the competition's rules on its Kaggle page once."
 )
 
@@ -64,7 +65,8 @@ def parse_kaggle(uri: str) -> tuple[str, str]:
         return kind, rest
     if kind == "datasets" and rest.count("/") == 1:
         return kind, rest
-    raise ValueError(f"{uri!r}: expected kaggle://competitions/<name> or kaggle://datasets/<owner>/<name>")
+    raise ValueError(f"{uri!r}: expected kaggle://competitions/<name> "
+                     "or kaggle://datasets/<owner>/<name>")
 
 
 def kaggle_download(uri: str, cache: Path, limit: ByteLimit | None = None,

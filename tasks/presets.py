@@ -39,12 +39,14 @@ def load_preset(name: str, directory: Path = PRESETS_DIR) -> dict[str, Any]:
     return overlay
 
 
-def apply_overlay(base: dict[str, Any], overlay: dict[str, Any], _at: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`base` with `overlay` merged in (see the module docstring for the rule); inputs are not modified."""
+def apply_overlay(base: dict[str, Any], overlay: dict[str, Any],
+                  _at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`base` with `overlay` merged in (the module docstring says how); inputs are not modified."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
         here = _at + (key,)
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and here not in _REPLACED_WHOLE:
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict)
+        if merge and here not in _REPLACED_WHOLE:
             out[key] = apply_overlay(out[key], value, here)
         else:
             out[key] = copy.deepcopy(value)

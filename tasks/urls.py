@@ -104,7 +104,8 @@ def read_url_list(path: Path, url_column: str, label_column: str, *,
                               infer_schema_length=0))
     if limit:
         limit.check(shown, frame.height)
-    return [UrlRow(str(u), str(l)) for u, l in zip(frame[url_column], frame[label_column])]
+    return [UrlRow(str(url), str(label))
+            for url, label in zip(frame[url_column], frame[label_column])]
 
 
 def cached_path(cache: Path, url: str, source: str = "urls") -> Path:
@@ -130,7 +131,8 @@ class Limits:
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         # identity: a compressed response would be inflated in memory, past the byte limits,
         # and a Range offset counts encoded bytes. Redirects are followed as checked hops.
-        self.client = httpx.Client(headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        self.client = httpx.Client(headers=headers,
                                    limits=httpx.Limits(max_connections=concurrency,
                                                        max_keepalive_connections=concurrency))
 

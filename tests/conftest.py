@@ -68,7 +68,8 @@ def make_imagefolder(root: Path, classes: int, per_class: int, size=(40, 32)) ->
 TINY_CONFIG = {
     "model_cfg": {
         "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                       "head_width": 16},
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1},
     },
     "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
@@ -92,8 +93,8 @@ def tiny_backbone(tmp_path) -> Path:
     model = open_clip.create_model(f"local-dir:{d}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / WEIGHTS_NAME))
     (d / "model.json").write_text(json.dumps({
-        "model_name": "tiny-vit", "pretrained": "random-init", "checkpoint_sha256": sha256_file(d / WEIGHTS_NAME),
-        "image_size": 32, "dim": 16}))
+        "model_name": "tiny-vit", "pretrained": "random-init",
+        "checkpoint_sha256": sha256_file(d / WEIGHTS_NAME), "image_size": 32, "dim": 16}))
     return d
 
 

@@ -3,7 +3,8 @@
 Used by the download tests and by benchmarks/download.py. Each path can be
 given faults: drop the connection halfway through the body, answer an error
 status N times, answer 429 with a Retry-After, wait before answering,
-trickle the body a byte at a time, redirect elsewhere, or ignore If-Range. Range requests are honoured (206)
+trickle the body a byte at a time, redirect elsewhere, or ignore If-Range.
+Range requests are honoured (206)
 as real file servers do: every file has a strong ETag (from its bytes) and a
 Last-Modified date (a new one each time the file is replaced), and a Range
 with an If-Range that no longer matches gets the whole file (200), per RFC

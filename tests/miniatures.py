@@ -1,4 +1,5 @@
-"""Faithful miniature copies of the real datasets' layouts: same file names, CSV columns, depth, UTF-8 names.
+"""Faithful miniature copies of the real datasets' layouts: same file names, CSV columns,
+depth, UTF-8 names.
 
 Each builder writes a tiny dataset under `root` and returns the number of
 images a reader should catalogue, so tests can package it the way the
@@ -18,7 +19,8 @@ import scipy.io
 from conftest import jpeg_bytes
 
 # Real RP2K product names look like these (UTF-8 folder names).
-RP2K_CLASSES = ["安慕希原味酸奶", "农夫山泉550ml", "旺仔牛奶245ml", "康师傅红烧牛肉面", "百事可乐330ml"]
+RP2K_CLASSES = ["安慕希原味酸奶", "农夫山泉550ml", "旺仔牛奶245ml",
+                "康师傅红烧牛肉面", "百事可乐330ml"]
 # DeepFashion consumer-to-shop <CATEGORY>/<Sub> folders (img/TOPS/T_Shirt/id_00000218/ is a
 # real one), and real Stanford Cars class names (one with a slash: fine in a label).
 DEEPFASHION_FOLDERS = ["TOPS/T_Shirt", "DRESSES/Dress", "TROUSERS/Skirt", "CLOTHING/Coat"]
@@ -32,15 +34,18 @@ def _img(path: Path, seed: int) -> None:
 
 
 def imagenet(root: Path, classes: int = 5, per_class: int = 4) -> int:
-    """Kaggle ImageNet Object Localization Challenge: LOC_synset_mapping.txt + ILSVRC/Data/CLS-LOC/{train,val,test}."""
+    """Kaggle ImageNet Object Localization Challenge: LOC_synset_mapping.txt +
+    ILSVRC/Data/CLS-LOC/{train,val,test}."""
     wnids = [f"n0{1440764 + 17 * i}" for i in range(classes)]
     (root / "LOC_synset_mapping.txt").parent.mkdir(parents=True, exist_ok=True)
-    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} thing {i}, other name\n" for i, w in enumerate(wnids)))
+    mapping = "".join(f"{w} thing {i}, other name\n" for i, w in enumerate(wnids))
+    (root / "LOC_synset_mapping.txt").write_text(mapping)
     (root / "LOC_train_solution.csv").write_text("ImageId,PredictionString\n")
     (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
     for c, w in enumerate(wnids):
         for n in range(per_class):
-            _img(root / "ILSVRC" / "Data" / "CLS-LOC" / "train" / w / f"{w}_{n + 10}.JPEG", 100 * c + n)
+            _img(root / "ILSVRC" / "Data" / "CLS-LOC" / "train" / w / f"{w}_{n + 10}.JPEG",
+                 100 * c + n)
     _img(root / "ILSVRC" / "Data" / "CLS-LOC" / "val" / "ILSVRC2012_val_00000001.JPEG", 9999)
     _img(root / "ILSVRC" / "Data" / "CLS-LOC" / "test" / "ILSVRC2012_test_00000001.JPEG", 9998)
     (root / "ILSVRC" / "Annotations" / "CLS-LOC" / "train").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""`dvc plots show` draws every model line of the evaluation, whatever the variants are called (any preset)."""
+"""`dvc plots show` draws every model line of the evaluation, whatever the variants are called
+(any preset)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ def git_dvc_repo(root: Path) -> Path:
     (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)
     (root / "data/05_head").mkdir(parents=True)
-    (root / "data/05_head/history.csv").write_text("epoch,train_loss,val_loss,train_acc,val_acc\n1,2.0,2.1,0.1,0.2\n")
+    (root / "data/05_head/history.csv").write_text(
+        "epoch,train_loss,val_loss,train_acc,val_acc\n1,2.0,2.1,0.1,0.2\n")
     return root
 
 
 def curves(variants: list[str], depth: int = 10) -> dict[str, dict]:
-    """score_line-shaped results of every model line the evaluate flow writes, with distinct values."""
+    """score_line-shaped results of every model line the evaluate flow writes, with distinct
+    values."""
     lines = [f"zero_shot_pca64_{v}" for v in variants] + ["zero_shot_pca64_concat", "head"]
     rng = np.random.default_rng(len(variants))
     return {line: {"precision": rng.random(depth), "recall": rng.random(depth)} for line in lines}
@@ -41,8 +44,8 @@ def test_eval_plots_draw_every_model_line_for_any_variant_names(tmp_path):
     for variants in (["lite0", "lite2"], ["clip_l14_336", "openclip_l14", "siglip_so400m"]):
         results = curves(variants)
         write_curves(results, root / "data/06_eval")
-        shown = subprocess.run([str(DVC), "plots", "show", "--json"], cwd=root, capture_output=True, text=True,
-                               check=True)
+        shown = subprocess.run([str(DVC), "plots", "show", "--json"], cwd=root,
+                               capture_output=True, text=True, check=True)
         out = json.loads(shown.stdout)
         assert not out.get("errors"), out["errors"]
         for plot, metric in (("precision_at_k", "precision"), ("recall_at_k", "recall")):

@@ -1,4 +1,5 @@
-"""The real `dvc repro` in a temporary git repo: full run, no-op rerun, and exactly the right rerun sets."""
+"""The real `dvc repro` in a temporary git repo: full run, no-op rerun, and exactly the right
+rerun sets."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": ""}
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
@@ -63,7 +65,8 @@ def tiny_params() -> dict:
     params["sources"] = {
         "package_photos": {**params["sources"]["package_photos"], "views": 8, "max_side": 64},
         "mine": {"kind": "imagefolder", "path": "mine_images"},
-        # a miniature GLR2021 as Kaggle ships it, from an archive: extracted safely, most populous classes
+        # a miniature GLR2021 as Kaggle ships it, from an archive: extracted safely, most
+        # populous classes
         "glr": {"kind": "landmarks", "uri": "glr_mini.tar.gz"},
     }
     params["sample"].update(samples=4, num_classes={"package_photos": 8, "mine": 4, "glr": 4},
@@ -76,7 +79,8 @@ def tiny_params() -> dict:
 
 
 def run(repo: Path, env: dict, *args: str) -> str:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -110,17 +114,20 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    make_imagefolder(repo / "mine_images", classes=4, per_class=3, size=(48, 40))  # + broken: 4 <= samples
+    make_imagefolder(repo / "mine_images", classes=4, per_class=3,
+                     size=(48, 40))  # + broken: 4 <= samples
     (repo / "mine_images" / "class_00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     glr = tmp_path_factory.mktemp("glr")
     miniatures.landmarks(glr, sizes=(6, 5, 4, 4, 2, 1))
     miniatures.tar_gz(glr, repo / "glr_mini.tar.gz", top="landmark-recognition-2021")
     env = {**os.environ, **prefect_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
     run(repo, env, "init", "-q")
-    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")  # the project's plot templates
+    # the project's plot templates
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "init"], cwd=repo, check=True, env=env)
     return repo, env
@@ -129,8 +136,8 @@ def repo(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
 def test_full_repro_then_noop(repo):
     path, env = repo
     out = run(path, env, "repro")
-    assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "download@glr", "sample", "shard",
-                        "extract@lite0", "train", "evaluate", "sweep", "export"}
+    assert ran(out) == {"models@lite0", "download@package_photos", "download@mine", "download@glr",
+                        "sample", "shard", "extract@lite0", "train", "evaluate", "sweep", "export"}
     metrics = json.loads((path / "data/06_eval/metrics.json").read_text())
     lines = {"zero_shot_pca8_lite0", "zero_shot_pca8_concat", "head"}
     for group in ("validation", "test"):  # scored apart, every score with its interval
@@ -140,15 +147,19 @@ def test_full_repro_then_noop(repo):
     assert "NaN" not in (path / "data/06_eval/metrics.json").read_text()
     assert "NaN" not in (path / "data/05_head/metrics.json").read_text()
     # the truncated JPEG in the user's folder was recorded, not fatal
-    rejects = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet('data/03_shards/rejects.parquet')['path'].to_list())"],
+    rejects = subprocess.run([sys.executable, "-c", "import polars as pl; print(pl.read_parquet("
+                              "'data/03_shards/rejects.parquet')['path'].to_list())"],
                              cwd=path, capture_output=True, text=True, check=True).stdout
     assert "broken.jpg" in rejects
-    # the landmarks archive: extracted, its missing file recorded, its four most populous classes sampled
-    tables = subprocess.run([sys.executable, "-c", "import polars as pl; "
-                             "m = pl.read_parquet('data/02_sampled/manifest.parquet').filter(pl.col('source') == 'glr'); "
-                             "print(sorted(m['label'].unique().to_list())); "
-                             "print(pl.read_parquet('data/01_raw/glr/skipped.parquet')['reason'].to_list())"],
-                            cwd=path, capture_output=True, text=True, check=True).stdout.splitlines()
+    # the landmarks archive: extracted, its missing file recorded, its four most populous
+    # classes sampled
+    script = ("import polars as pl; "
+              "m = pl.read_parquet('data/02_sampled/manifest.parquet')"
+              ".filter(pl.col('source') == 'glr'); "
+              "print(sorted(m['label'].unique().to_list())); "
+              "print(pl.read_parquet('data/01_raw/glr/skipped.parquet')['reason'].to_list())")
+    tables = subprocess.run([sys.executable, "-c", script], cwd=path, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
     assert tables == ["['1000', '1001', '1002', '1003']", "['listed in the table but not found']"]
 
     again = run(path, env, "repro")
@@ -159,13 +170,14 @@ def test_full_repro_then_noop(repo):
     assert "test.lines.head.all.mP@5" in shown and "train_acc" in shown
     run(path, env, "plots", "show", "-o", "plots_out")
     assert (path / "plots_out" / "index.html").is_file()
-    plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=path, env=env,
-                                      capture_output=True, text=True, check=True).stdout)
+    plots = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=path,
+                                      env=env, capture_output=True, text=True, check=True).stdout)
     assert not plots.get("errors"), plots["errors"]
     curves = (path / "data/06_eval/precision_at_k.csv").read_text().splitlines()
     depth = min(10, metrics["test"]["index"])
     assert curves[0] == "model,k,precision" and len(curves) == 1 + 3 * depth
-    drawn = {(p["model"], p["k"]) for p in plots["data"]["precision_at_k"][0]["content"]["data"]["values"]}
+    drawn = {(p["model"], p["k"])
+             for p in plots["data"]["precision_at_k"][0]["content"]["data"]["values"]}
     assert drawn == {(m, str(k)) for m in metrics["test"]["lines"] for k in range(1, depth + 1)}
     assert (path / "data/06_eval/gallery.png").stat().st_size > 0
     sweep = json.loads((path / "data/08_sweep/sweep.json").read_text())
@@ -175,8 +187,9 @@ def test_full_repro_then_noop(repo):
     assert exported["max_abs_diff_vs_pipeline"] <= 1e-3
 
 
-REPEATABLE = ["data/05_head/head.safetensors", "data/05_head/head.json", "data/05_head/metrics.json",
-              "data/05_head/history.csv", "data/06_eval/metrics.json", "data/06_eval/metrics.md",
+REPEATABLE = ["data/05_head/head.safetensors", "data/05_head/head.json",
+              "data/05_head/metrics.json", "data/05_head/history.csv",
+              "data/06_eval/metrics.json", "data/06_eval/metrics.md",
               "data/06_eval/gallery.png", "data/06_eval/precision_at_k.csv",
               "data/08_sweep/sweep.json"]
 
@@ -201,7 +214,8 @@ def test_epochs_change_reruns_train_and_what_follows_only(repo):
 
 
 def shard_images(path: Path) -> int:
-    return sum(e["nsamples"] for e in json.loads((path / "data/03_shards/index.json").read_text())["shardlist"])
+    index = json.loads((path / "data/03_shards/index.json").read_text())
+    return sum(e["nsamples"] for e in index["shardlist"])
 
 
 def test_samples_change_reruns_from_sample_on_and_embeds_only_new_images(repo):
@@ -213,7 +227,8 @@ def test_samples_change_reruns_from_sample_on_and_embeds_only_new_images(repo):
     after = shard_images(path)
     assert after > before
     # DVC reran extract (its shards changed); the stage embedded only the images it had not seen
-    counts = re.search(r"extract\[lite0\]: (\d+) images from \d+ shards .*: (\d+) embedded, (\d+) from the cache", out)
+    counts = re.search(r"extract\[lite0\]: (\d+) images from \d+ shards .*: (\d+) embedded, "
+                       r"(\d+) from the cache", out)
     assert counts, out[-3000:]
     assert tuple(map(int, counts.groups())) == (after, after - before, before)
     assert ran(run(path, env, "repro")) == set()
@@ -238,16 +253,18 @@ def test_an_image_added_to_a_users_folder_reruns_its_download_and_what_follows(r
 def test_invalid_params_stop_before_any_work(repo):
     path, env = repo
     set_param(path, "sample", "samples", 0)
-    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True,
+                          text=True)
     assert proc.returncode != 0
     assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
     set_param(path, "sample", "samples", 5)
     set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 9, "glr": 4})
-    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=path, env=env, capture_output=True,
+                          text=True)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert ("sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images (sample.min_images); "
-            "allowed is 2..4") in out
+    assert ("sample.num_classes.mine = 9: source 'mine' has 4 classes with >= 2 images "
+            "(sample.min_images); allowed is 2..4") in out
     assert "Traceback" not in out
     set_param(path, "sample", "num_classes", {"package_photos": 8, "mine": 4, "glr": 4})
 
@@ -273,7 +290,8 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     leaves the table as a Prefect artifact."""
     path, env = repo
     set_param(path, "train", "epochs", 2)
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert ran(out) == {"train", "evaluate", "sweep", "export"} and "| head |" in out
@@ -292,7 +310,8 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     with urllib.request.urlopen(req, timeout=10) as resp:
         artifacts = json.loads(resp.read())
     assert artifacts and "| head |" in artifacts[0]["data"]
-    diff = api(env, "artifacts/filter", {"artifacts": {"key": {"any_": ["guie-pipeline-metrics-diff"]}}})
+    diff = api(env, "artifacts/filter",
+               {"artifacts": {"key": {"any_": ["guie-pipeline-metrics-diff"]}}})
     assert diff and "previous mP@5" in diff[0]["data"]
     # every stage's flow runs reported to the same server, all Completed
     flows = {f["id"]: f["name"] for f in api(env, "flows/filter", {})}
@@ -300,20 +319,22 @@ def test_pipeline_flow_runs_repro_and_publishes_metrics(repo):
     by_flow: dict[str, set[str]] = {}
     for r in runs:
         by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
-    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate", "sweep", "export",
-                           "pipeline"}
+    assert set(by_flow) >= {"models", "download", "sample", "shard", "extract", "train", "evaluate",
+                           "sweep", "export", "pipeline"}
     assert all(states == {"COMPLETED"} for states in by_flow.values()), by_flow
 
 
 def api(env: dict, route: str, body: dict):
-    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/{route}", data=json.dumps(body).encode(),
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/{route}",
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
 def git(repo: Path, env: dict, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                          text=True).stdout
 
 
 def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
@@ -326,7 +347,8 @@ def test_ci_reevaluation_reports_params_and_metric_changes(repo, tmp_path):
     summary = tmp_path / "summary.md"
     proc = subprocess.run([sys.executable, str(REPO / ".ci" / "reevaluate.py"), "--base", "base",
                            "--output", str(tmp_path / "report.md")],
-                          cwd=path, env={**env, "GITHUB_STEP_SUMMARY": str(summary)}, capture_output=True, text=True)
+                          cwd=path, env={**env, "GITHUB_STEP_SUMMARY": str(summary)},
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "sweep", "export"}
     report = (tmp_path / "report.md").read_text()
@@ -361,7 +383,8 @@ def test_team_remote_round_trip_and_ci_recomputes_only_what_changed(repo, tmp_pa
     set_param(ci, "train", "epochs", 5)
     proc = subprocess.run([sys.executable, str(REPO / ".ci" / "reevaluate.py"), "--base", "HEAD",
                            "--output", str(tmp_path / "report.md")], cwd=ci,
-                          env={**env, "DVC_REMOTE_URL": str(remote)}, capture_output=True, text=True)
+                          env={**env, "DVC_REMOTE_URL": str(remote)}, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ran(proc.stdout + proc.stderr) == {"train", "evaluate", "sweep", "export"}
     report = (tmp_path / "report.md").read_text()
@@ -390,10 +413,12 @@ def wait_for(predicate, timeout: float = 90.0, step: float = 1.0):
 
 def test_serve_registers_a_scheduled_deployment(repo):
     path, env = repo
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve", "--cron", "17 3 * * 1", "--name", "served"],
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "serve", "--cron",
+                             "17 3 * * 1", "--name", "served"],
                             cwd=path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deployments = wait_for(lambda: [d for d in api(env, "deployments/filter", {}) if d["name"] == "served"])
+        deployments = wait_for(lambda: [d for d in api(env, "deployments/filter", {})
+                                        if d["name"] == "served"])
         crons = [s["schedule"].get("cron") for s in deployments[0]["schedules"]]
         assert crons == ["17 3 * * 1"]
     finally:
@@ -406,9 +431,10 @@ def test_prefect_yaml_deployment_runs_through_a_work_pool(repo):
     path, env = repo
     shutil.copy(REPO / "prefect.yaml", path / "prefect.yaml")
     prefect = str(BIN / "prefect")
-    subprocess.run([prefect, "work-pool", "create", "guie-local", "--type", "process"], cwd=path, env=env,
-                   check=True, capture_output=True)
-    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=path, capture_output=True, text=True,
+    subprocess.run([prefect, "work-pool", "create", "guie-local", "--type", "process"], cwd=path,
+                   env=env, check=True, capture_output=True)
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=path,
+                            capture_output=True, text=True,
                             env={**env, "GUIE_PROJECT_DIR": str(path)})
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     nightly = [d for d in api(env, "deployments/filter", {}) if d["name"] == "nightly"][0]
@@ -416,10 +442,11 @@ def test_prefect_yaml_deployment_runs_through_a_work_pool(repo):
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
     run = api(env, f"deployments/{nightly['id']}/create_flow_run", {})
     # A long-running worker, not --run-once: one poll can miss a run created a moment before.
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "guie-local"], cwd=path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "guie-local"], cwd=path,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        state = wait_for(lambda: (lambda r: r["state_type"] if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(
+        done = ("COMPLETED", "FAILED", "CRASHED")
+        state = wait_for(lambda: (lambda r: r["state_type"] if r["state_type"] in done else None)(
             api_get(env, f"flow_runs/{run['id']}")), timeout=300)
     finally:
         worker.terminate()
@@ -437,7 +464,8 @@ def test_pipeline_flow_fails_when_a_stage_fails(repo):
     path, env = repo
     set_param(path, "sample", "samples", 0)
     try:
-        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=path, env=env,
+                              capture_output=True, text=True)
         assert proc.returncode != 0
         assert "sample.samples = 0: allowed is a value >= 1" in proc.stdout + proc.stderr
         # the failed stage's task is Failed, the flow run too, and nothing ran after it

@@ -1,4 +1,5 @@
-"""The tensor preprocessing matches open_clip's, and the exported embedder reproduces the pipeline."""
+"""The tensor preprocessing matches open_clip's, and the exported embedder reproduces the
+pipeline."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_exported_embedder_equals_pipeline_and_loads_with_plain_torch(tmp_path, 
     torch.manual_seed(0)
     head = build_head("multi_dropout", 32, 8, dropout=0.3, branches=2).eval()
     embedder = Embedder([(preprocess, model.visual), (preprocess, model.visual)], head)
-    export_embedder(embedder, tmp_path / "e.pt2", torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8))
+    export_embedder(embedder, tmp_path / "e.pt2",
+                    torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8))
     loaded = torch.export.load(str(tmp_path / "e.pt2")).module()  # plain torch, no project code
 
     rng = np.random.default_rng(0)
@@ -94,7 +96,8 @@ def test_exported_embedder_equals_pipeline_and_loads_with_plain_torch(tmp_path, 
               [(32, 32), (48, 20), (100, 64), (32, 32)]]
     # the pipeline's path: per-backbone features, normalised, concatenated, head
     with torch.no_grad():
-        stored = np.concatenate([model.encode_image(preprocess(img[None])).numpy() for img in images])
+        stored = np.concatenate([model.encode_image(preprocess(img[None])).numpy()
+                                 for img in images])
     pipeline = embed_with_head(head, np.concatenate([l2_normalize(stored)] * 2, axis=1))
     got = embed_images(load_exported(tmp_path / "e.pt2"), images)
     assert got.shape == (4, 8) and got.dtype == np.float32
@@ -115,14 +118,16 @@ def test_embed_cli_indexes_a_folder_and_searches_it(tmp_path, tiny_backbone, cap
                     torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8))
     folder = make_imagefolder(tmp_path / "photos", classes=3, per_class=2, size=(40, 30))
     (folder / "class_00" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    assert main(["--model", str(tmp_path / "e.pt2"), "index", str(folder), "--out", str(tmp_path / "i.parquet")]) == 0
+    assert main(["--model", str(tmp_path / "e.pt2"), "index", str(folder),
+                 "--out", str(tmp_path / "i.parquet")]) == 0
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "i.parquet")
     assert table.num_rows == 6 and table.schema.field("embedding").type.list_size == 8
     assert "skipped class_00/broken.jpg" in capsys.readouterr().err
     query = folder / "class_02" / "img_001.jpg"
-    assert main(["--model", str(tmp_path / "e.pt2"), "search", str(query), "--index", str(tmp_path / "i.parquet"), "-k", "3"]) == 0
+    assert main(["--model", str(tmp_path / "e.pt2"), "search", str(query),
+                 "--index", str(tmp_path / "i.parquet"), "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     rank, dist, path = lines[0].split("\t")

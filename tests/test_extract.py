@@ -33,14 +33,15 @@ def shard_file(tmp_path):
     rows = []
     for i in range(11):
         (raw / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 40)))
-        rows.append({"key": f"src-{i:03d}", "source": "src", "label": f"l{i % 3}", "class_id": i % 3,
-                     "path": f"images/{i}.jpg", "split": "train"})
+        rows.append({"key": f"src-{i:03d}", "source": "src", "label": f"l{i % 3}",
+                     "class_id": i % 3, "path": f"images/{i}.jpg", "split": "train"})
     plan = plan_shards(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), 100)[0]
     write_shard(plan, tmp_path / "raw", tmp_path / "shards", ShardParams())
     return tmp_path / "shards" / plan.relpath
 
 
-def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_path, shard_file, tiny_backbone):
+def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_path, shard_file,
+                                                                         tiny_backbone):
     import duckdb
 
     model, preprocess, info = load_backbone(tiny_backbone)
@@ -57,12 +58,13 @@ def test_features_read_in_polars_pyarrow_and_duckdb_without_project_code(tmp_pat
     assert df.height == 11 and df["embedding"].dtype == pl.Array(pl.Float32, 16)
     assert pl.read_ipc_schema(out)["embedding"] == pl.Array(pl.Float32, 16)
     feats = table  # noqa: F841 (duckdb finds the Arrow table by its variable name)
-    rows = duckdb.sql("select class_id, count(*) as n, avg(embedding[1]) as e1 from feats group by class_id "
-                      "order by class_id").fetchall()
+    rows = duckdb.sql("select class_id, count(*) as n, avg(embedding[1]) as e1 from feats "
+                      "group by class_id order by class_id").fetchall()
     assert [(c, n) for c, n, _ in rows] == [(0, 4), (1, 4), (2, 3)]
     first = embeddings_of(table)[:, 0]
     ids = table.column("class_id").to_numpy()
-    assert np.allclose([e for _, _, e in rows], [first[ids == c].mean() for c in range(3)], atol=1e-6)
+    assert np.allclose([e for _, _, e in rows], [first[ids == c].mean() for c in range(3)],
+                       atol=1e-6)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -71,14 +73,16 @@ def test_features_file_schema_and_values(tmp_path, shard_file, tiny_backbone, wo
     embedder = Embedder(model, resolve_device("cpu"), "fp16", batch_size=4, cpu_threads=2)
     out = tmp_path / "feat" / "train-000000.arrow"
     seen = []
-    stats = embed_shard(shard_file, out, embedder, preprocess, ExtractParams(batch_size=4, num_workers=workers),
+    stats = embed_shard(shard_file, out, embedder, preprocess,
+                        ExtractParams(batch_size=4, num_workers=workers),
                         feature_metadata("tiny", info), seen.append)
     assert stats["images"] == 11 and sum(seen) == 11
 
     table, meta = read_features(out)
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 16)
     assert table.schema.field("class_id").type == pa.int32()
-    assert meta["model_name"] == "tiny-vit" and meta["dim"] == "16" and meta["checkpoint_sha256"] == info["checkpoint_sha256"]
+    assert (meta["model_name"] == "tiny-vit" and meta["dim"] == "16"
+            and meta["checkpoint_sha256"] == info["checkpoint_sha256"])
     # values equal a direct forward pass on the decoded JPEGs, in shard order
     samples = read_shard(shard_file)
     assert table.column("key").to_pylist() == [s.key for s in samples]
@@ -122,8 +126,10 @@ def test_an_embedding_does_not_depend_on_its_batch_or_the_callers_threads():
 
 
 def test_empty_shard_gives_an_empty_valid_file(tmp_path):
-    meta = {"model_name": "m", "pretrained": "p", "checkpoint_sha256": "0" * 64, "image_size": "32", "dim": "8"}
-    write_features(tmp_path / "e.arrow", [], np.zeros(0, np.int32), np.zeros((0, 8), np.float32), meta)
+    meta = {"model_name": "m", "pretrained": "p", "checkpoint_sha256": "0" * 64,
+            "image_size": "32", "dim": "8"}
+    write_features(tmp_path / "e.arrow", [], np.zeros(0, np.int32), np.zeros((0, 8), np.float32),
+                   meta)
     table, _ = read_features(tmp_path / "e.arrow")
     assert table.num_rows == 0 and table.schema.field("embedding").type.list_size == 8
 

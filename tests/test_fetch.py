@@ -1,4 +1,5 @@
-"""Downloads against a real loopback HTTP server: resume, retries, 429, checksums (archives: test_archives.py)."""
+"""Downloads against a real loopback HTTP server: resume, retries, 429, checksums
+(archives: test_archives.py)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def server():
 def test_dropped_connection_resumes_with_a_range_request(server, tmp_path):
     server.faults["/data.tar"] = Fault(drop_after=1024 * 1024)
     sizes, got = [], []
-    out = download(f"{server.url}/data.tar", tmp_path / "data.tar", SHA, backoff_s=0.01, on_size=sizes.append,
-                   progress=got.append)
+    out = download(f"{server.url}/data.tar", tmp_path / "data.tar", SHA, backoff_s=0.01,
+                   on_size=sizes.append, progress=got.append)
     assert out.read_bytes() == BLOB
     assert sizes == [len(BLOB)] and sum(got) == len(BLOB)  # the ETA's total, counted once
     reqs = server.requests_for("/data.tar")
@@ -86,8 +87,10 @@ def test_kaggle_uris_and_missing_credentials(tmp_path, monkeypatch):
     from tasks.params.base import ParamsError
     from tasks.params.sources import LandmarksSource
 
-    assert parse_kaggle("kaggle://competitions/landmark-recognition-2021") == ("competitions", "landmark-recognition-2021")
-    assert parse_kaggle("kaggle://datasets/owner/products-10k") == ("datasets", "owner/products-10k")
+    assert parse_kaggle("kaggle://competitions/landmark-recognition-2021") == (
+        "competitions", "landmark-recognition-2021")
+    assert parse_kaggle("kaggle://datasets/owner/products-10k") == (
+        "datasets", "owner/products-10k")
     with pytest.raises(ValueError, match="expected kaggle://competitions/<name>"):
         parse_kaggle("kaggle://models/x")
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
@@ -95,7 +98,8 @@ def test_kaggle_uris_and_missing_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
     assert not kaggle_credentials()
     spec = LandmarksSource(kind="landmarks", uri="kaggle://competitions/landmark-recognition-2021")
-    with pytest.raises(ParamsError, match=r"no Kaggle credentials found.*~/.kaggle/kaggle.json.*KAGGLE_USERNAME"):
+    with pytest.raises(ParamsError, match=r"no Kaggle credentials found.*~/.kaggle/kaggle.json"
+                                          r".*KAGGLE_USERNAME"):
         check_source("glr", spec)
     (tmp_path / "no-kaggle").mkdir()
     (tmp_path / "no-kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')

@@ -1,4 +1,5 @@
-"""Flows run for real under Prefect's test harness, on a tiny imagefolder source with bad images in it."""
+"""Flows run for real under Prefect's test harness, on a tiny imagefolder source with bad images
+in it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def add_bad_images(class_dir):
     (class_dir / "bad_corrupt.jpg").write_bytes(good[: len(good) // 3])
     (class_dir / "bad_empty.jpg").write_bytes(b"")
     Image.new("CMYK", (30, 20), (10, 200, 30, 0)).save(class_dir / "bad_cmyk.jpg")
-    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(class_dir / "bad_16bit.png")
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(
+        class_dir / "bad_16bit.png")
     Image.fromarray(np.zeros((20, 30, 4), np.uint8)).save(class_dir / "bad_rgba.png")
 
 
@@ -49,7 +51,8 @@ def test_download_sample_shard_with_bad_inputs(in_tmp):
     assert set(reasons) == {"bad_corrupt.jpg", "bad_empty.jpg"}
     assert "truncated" in reasons["bad_corrupt.jpg"] and "empty" in reasons["bad_empty.jpg"]
     assert sum(e["nsamples"] for e in index["shardlist"]) == 35 - 2
-    assert sum(e["converted"] for e in index["shardlist"]) >= 3  # CMYK, 16-bit and RGBA were converted
+    # CMYK, 16-bit and RGBA were converted
+    assert sum(e["converted"] for e in index["shardlist"]) >= 3
     assert json.loads((SHARDS_DIR / "index.json").read_text()) == index
     assert pl.read_parquet(MANIFEST).height == 35
 

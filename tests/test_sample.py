@@ -60,8 +60,10 @@ def test_eval_classes_disjoint_from_training_classes():
 def test_prefix_stable_when_samples_grow():
     small, big = frame(params(samples=4)), frame(params(samples=7))
     joined = small.join(big, on="key", how="left", suffix="_big")
-    assert joined["split_big"].null_count() == 0, "an image chosen at samples=4 was dropped at samples=7"
-    assert (joined["split"] == joined["split_big"]).all(), "an image changed split when samples grew"
+    assert joined["split_big"].null_count() == 0, (
+        "an image chosen at samples=4 was dropped at samples=7")
+    assert (joined["split"] == joined["split_big"]).all(), (
+        "an image changed split when samples grew")
     assert big.height > small.height
 
 
@@ -69,7 +71,8 @@ def test_prefix_stable_when_classes_grow():
     small = frame(params(num_classes={"a": 5, "b": 3}))
     big = frame(params(num_classes={"a": 10, "b": 5}))
     assert set(small["label"]) <= set(big["label"])
-    roles = lambda m: {l: "eval" if s in ("query", "index") else "train" for l, s in zip(m["label"], m["split"])}  # noqa: E731
+    roles = lambda m: {l: "eval" if s in ("query", "index") else "train"  # noqa: E731
+                       for l, s in zip(m["label"], m["split"])}
     rs, rb = roles(small), roles(big)
     assert all(rb[label] == role for label, role in rs.items())
 
@@ -80,12 +83,14 @@ def test_split_fractions():
 
 
 def test_too_many_classes_is_a_params_error():
-    with pytest.raises(ParamsError, match=r"sample.num_classes.b = 7: .* has 6 classes .* allowed is 2..6"):
+    with pytest.raises(ParamsError,
+                       match=r"sample.num_classes.b = 7: .* has 6 classes .* allowed is 2..6"):
         build_manifest(CATALOGS, params(num_classes={"a": 2, "b": 7}))
 
 
 def test_class_with_too_few_images_is_skipped_and_recorded():
-    cats = {"a": pl.concat([catalog(4, 5), pl.DataFrame([{"path": "images/lonely/0.jpg", "label": "lonely", "source": "s"}])])}
+    lonely = pl.DataFrame([{"path": "images/lonely/0.jpg", "label": "lonely", "source": "s"}])
+    cats = {"a": pl.concat([catalog(4, 5), lonely])}
     table, skipped = build_manifest(cats, params(num_classes={"a": 4}))
     assert [s.label for s in skipped] == ["lonely"] and "fewer than 2" in skipped[0].reason
     assert "lonely" not in table.column("label").to_pylist()
@@ -111,7 +116,8 @@ def test_three_disjoint_class_groups():
     m = frame(params(num_classes={"a": 12, "b": 6}, eval_fraction=0.6, test_fraction=0.5))
     per_class = m.group_by("class_id").agg(pl.col("group").n_unique().alias("n"))
     assert per_class["n"].max() == 1, "a class is in two groups"
-    split_of = {"train": {"train", "val"}, "validation": {"query", "index"}, "test": {"query", "index"}}
+    split_of = {"train": {"train", "val"}, "validation": {"query", "index"},
+                "test": {"query", "index"}}
     for group, splits in split_of.items():
         rows = m.filter(pl.col("group") == group)
         assert rows.height and set(rows["split"]) == splits, group

@@ -30,14 +30,16 @@ class _Section(BaseModel):
 
 def _describe(error: dict[str, Any]) -> str:
     """Turn one pydantic error into 'key = value: what is allowed'."""
-    parts = [str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    parts = [str(p) for p in error["loc"]
+             if not str(p).startswith(("function-after", "tagged-union"))]
     if parts[:1] in (["models"], ["sources"]) and len(parts) >= 3:
-        del parts[2]  # pydantic puts the union tag (the `kind`) into the path; the user never wrote it
+        # pydantic puts the union tag (the `kind`) into the path; the user never wrote it
+        del parts[2]
     loc = ".".join(parts)
     msg = error["msg"].removeprefix("Value error, ")
     ctx = error.get("ctx", {})
-    bounds = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}", "less_than_equal": "<= {le}",
-              "less_than": "< {lt}"}
+    bounds = {"greater_than_equal": ">= {ge}", "greater_than": "> {gt}",
+              "less_than_equal": "<= {le}", "less_than": "< {lt}"}
     if error["type"] in bounds:
         msg = "allowed is a value " + bounds[error["type"]].format(**ctx)
     elif error["type"] == "literal_error":
@@ -45,7 +47,8 @@ def _describe(error: dict[str, Any]) -> str:
     elif error["type"] == "extra_forbidden":
         msg = "unknown key (a typo?)"
     if error["type"] == "union_tag_invalid":
-        return f"{loc}.kind = {error['input'].get('kind')!r}: unknown kind; allowed are {ctx.get('expected_tags')}"
+        kind = error["input"].get("kind")
+        return f"{loc}.kind = {kind!r}: unknown kind; allowed are {ctx.get('expected_tags')}"
     if error["type"] == "missing":
         return f"{loc} is missing: it is required"
     if error["type"] == "value_error" and not loc:

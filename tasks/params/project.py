@@ -51,7 +51,8 @@ class Params(_Section):
         self._check_variants()
         for name in list(self.models) + list(self.sources):
             if not name.replace("_", "").isalnum():
-                raise ValueError(f"name {name!r}: use letters, digits and '_' only (it becomes a path and a key)")
+                raise ValueError(f"name {name!r}: use letters, digits and '_' only "
+                                 "(it becomes a path and a key)")
         return self
 
     def _check_variants(self) -> None:

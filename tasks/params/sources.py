@@ -102,7 +102,8 @@ class DatasetSource(_Section):
     @model_validator(mode="after")
     def _sha_only_for_one_file(self) -> "DatasetSource":
         if self.sha256 and not isinstance(self.uri, str):
-            raise ValueError("sha256 is for a single uri; for a list give each entry as {url: ..., sha256: ...}")
+            raise ValueError("sha256 is for a single uri; "
+                             "for a list give each entry as {url: ..., sha256: ...}")
         return self
 
     def fetches(self) -> list[Fetch]:
@@ -158,7 +159,7 @@ class StanfordCarsSource(DatasetSource):
 
 
 class CsvSource(DatasetSource):
-    """Anyone's own data as a table: `table` (CSV or Parquet, inside the dataset) lists path and label."""
+    """Anyone's own data as a table: `table` (CSV or Parquet, in the dataset) lists path, label."""
 
     kind: Literal["csv"]
     table: str = "labels.csv"
@@ -204,8 +205,8 @@ class UrlsSource(_Section):
 
 
 SourceParams = Annotated[
-    Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource, ImageNetSource, Products10kSource,
-          LandmarksSource, Rp2kSource, DeepFashionC2sSource, StanfordCarsSource, CsvSource,
-          UrlsSource],
+    Union[PackagePhotosSource, FashionMnistSource, ImageFolderSource, ImageNetSource,
+          Products10kSource, LandmarksSource, Rp2kSource, DeepFashionC2sSource,
+          StanfordCarsSource, CsvSource, UrlsSource],
     Field(discriminator="kind"),
 ]

@@ -43,7 +43,7 @@ def feature_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
 
 
 def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, D) floats as Arrow `fixed_size_list<float32>[D]`, the one embedding column type on disk."""
+    """(N, D) floats as Arrow `fixed_size_list<float32>[D]`, the one embedding type on disk."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), type=pa.float32()),
                                              embeddings.shape[1])
@@ -57,7 +57,8 @@ def write_ipc(target: Path | str, table: pa.Table) -> None:
 
 
 def write_features(
-    target: Path | str, keys: list[str], class_ids: np.ndarray, embeddings: np.ndarray, metadata: dict[str, str]
+    target: Path | str, keys: list[str], class_ids: np.ndarray, embeddings: np.ndarray,
+    metadata: dict[str, str],
 ) -> None:
     """Write one shard's embeddings as an uncompressed Arrow IPC file (memory-mappable)."""
     dim = int(metadata["dim"])

@@ -1,4 +1,7 @@
-"""The manifest `sample` writes (data/02_sampled/manifest.parquet): every image, its split and group."""
+"""The manifest `sample` writes (data/02_sampled/manifest.parquet).
+
+It lists every image, its split and its group.
+"""
 
 from __future__ import annotations
 
