@@ -12,8 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._cli import main
-from tasks.evaluate import (best_zero_shot, fit_pca, group_summary, score_line,
-                            search_markdown)
+from tasks.evaluate import best_zero_shot, fit_pca, group_summary, score_line
 from tasks.features import (load_concat, load_variant_split, read_manifest, split_groups,
                             train_rows_for_fit)
 from tasks.gallery import gallery_keys, gallery_rows, pick_queries, render_gallery
@@ -67,7 +66,7 @@ def evaluate(variants: list[str], backbones: list[str], params: EvaluateParams) 
                **{g: group_summary(groups[g], results[g], reference, params) for g in results}}
     write_json(EVAL_DIR / "metrics.json", metrics)
     write_curves(results["test"], EVAL_DIR)
-    table = metrics_markdown(metrics) + search_markdown(metrics)  # the latter: "" if exact
+    table = metrics_markdown(metrics)
     write_bytes(EVAL_DIR / "metrics.md", table.encode("utf-8"))
 
     # The gallery: the head's top-k on the test classes, for queries from every source.

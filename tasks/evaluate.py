@@ -126,23 +126,3 @@ def best_zero_shot(validation: dict[str, dict], k: int) -> str:
     zero = {name: r["scores"]["all"][f"mP@{k}"] for name, r in validation.items()
             if name.startswith(ZERO_SHOT)}
     return max(sorted(zero), key=lambda name: zero[name])
-
-
-
-def search_markdown(metrics: dict) -> str:
-    """A paragraph for the report naming each line scored with approximate search and its
-    recall@k against exact search; empty when every line's search was exact."""
-    k = metrics["k"]
-    rows = [(group, name, scores["all"]) for group in ("validation", "test")
-            for name, scores in metrics[group]["lines"].items()
-            if scores["all"].get("search") == "approximate"]
-    if not rows:
-        return ""
-    out = [f"\nApproximate search (the index is over `evaluate.exact_max_index` images): the "
-           f"recall@{k} of its neighbours against exact search, on a seeded sample of "
-           "queries, beside the line's mP@k.\n",
-           f"| group | model | index | setting | queries | recall@{k} | mP@{k} |",
-           "|---|---|---|---|---|---|---|"]
-    out += [f"| {g} | {n} | {s['index']} | {s['setting']} | {s['recall_queries']} | "
-            f"{s[f'recall@{k}']:.4f} | {s[f'mP@{k}']:.4f} |" for g, n, s in rows]
-    return "\n".join(out) + "\n"

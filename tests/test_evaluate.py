@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 
 from conftest import clusters
-from tasks.evaluate import best_zero_shot, group_summary, score_line, search_markdown
+from tasks.evaluate import best_zero_shot, group_summary, score_line
 from tasks.features import GroupData, ManifestIndex, split_groups
 from tasks.gallery import gallery_keys
 from tasks.metrics import precision_at_k
 from tasks.params.evaluate import EvaluateParams
-from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows
+from tasks.report import metrics_diff_markdown, metrics_markdown, metrics_rows, search_markdown
 from tasks.schemas.io import write_json
 
 PARAMS = EvaluateParams(k=5, pca_dim=8, bootstrap_resamples=500)
@@ -102,6 +102,8 @@ def test_report_shows_intervals_and_the_verdict():
     assert "significant" in text
     rows = metrics_rows(metrics)
     assert {r["group"] for r in rows} == {"test", "validation"}
+    assert {(r["search"], r["recall@5"]) for r in rows} == {("exact", None)}
+    assert "Approximate search" not in text
     json.dumps(rows, allow_nan=False)
     assert "+0.0000" in metrics_diff_markdown(metrics, metrics)
 
@@ -147,6 +149,14 @@ def test_approximate_search_beyond_the_threshold_reports_its_recall(factory, set
                "test": {"lines": {"head": line["scores"]}}}
     assert f"| test | head | {factory} | {setting} | 200 | {search['recall@5']:.4f}" in \
         search_markdown(metrics)
+    # the report and the artifact rows (Prefect's table) carry the recall beside the mP@5
+    summary = group_summary(data, {"head": line, "zero_shot_x": line}, "zero_shot_x", params)
+    full = {"k": 5, "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 0},
+            "validation": summary, "test": summary}
+    assert search_markdown(full) in metrics_markdown(full) and search_markdown(full)
+    rows = [r for r in metrics_rows(full) if r["model"] == "head"]
+    assert rows and {(r["search"], r["recall@5"]) for r in rows} == {
+        ("approximate", search["recall@5"])}
     # bad settings are refused when params are read
     with pytest.raises(ValueError, match="factory"):
         EvaluateParams(approximate_index="IVFx")
