@@ -50,9 +50,42 @@ def _serve(rank: int, device: str, jobs: list[tuple[str, str]], model_dir: str,
             with next_job.get_lock():
                 i = next_job.value
                 next_job.value += 1
-        results.put(("done", device))
+        results.put(("done", rank))
     except BaseException:
         results.put(("error", f"extract on {device} failed:\n{traceback.format_exc()}"))
+
+
+def _check_alive(procs: list, finished: set[int], results, shards: list[dict]) -> None:
+    """Raise for a process that exited before saying it was done (`finished`: ranks). Its
+    last words may still be in the queue (an error's traceback is put just before the
+    exit): those are read first, so a failure is reported with its traceback, not as a
+    bare exit code; shard statistics read on the way go to `shards`. Only the messages
+    already queued are read (a dead process sends no more), so the check does not wait
+    for the live ones."""
+    dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in finished]
+    if not dead:
+        return
+    try:
+        queued = results.qsize()
+    except NotImplementedError:  # macOS: read what is there without waiting
+        queued = None
+    try:
+        while queued is None or queued > 0:
+            kind, payload = (results.get_nowait() if queued is None
+                             else results.get(timeout=_POLL_S))
+            queued = None if queued is None else queued - 1
+            if kind == "error":
+                raise RuntimeError(payload)
+            if kind == "done":
+                finished.add(payload)
+            elif kind == "shard":
+                shards.append(payload)
+    except queue.Empty:
+        pass
+    dead = [procs[r] for r in dead if r not in finished]
+    if dead:
+        raise RuntimeError(f"{dead[0].name} died with exit code {dead[0].exitcode} before it "
+                           "finished its shards")
 
 
 def embed_on_devices(jobs: list[tuple[str, str]], model_dir: str, params: ExtractParams,
@@ -60,8 +93,11 @@ def embed_on_devices(jobs: list[tuple[str, str]], model_dir: str, params: Extrac
     """Embed (shard url, feature file) jobs with one process per device; yields each shard's
     stats (embed_shard's, plus `device` and `pid`) as it finishes.
 
-    A process that fails or dies stops the others and raises here; the shards written
-    by then stay, and the cache makes a rerun skip what was embedded.
+    A process that fails or dies (a kill, the OOM killer) before it said it was done stops
+    the others and raises here, as soon as it is seen, not when the others fall quiet; the
+    shards written by then stay, and the cache makes a rerun skip what was embedded. A
+    process that said it was done and then exited badly (a driver's teardown) has lost
+    nothing, so it fails nothing.
     """
     if not jobs:
         return
@@ -76,21 +112,19 @@ def embed_on_devices(jobs: list[tuple[str, str]], model_dir: str, params: Extrac
     for p in procs:
         p.start()
     try:
-        running = len(procs)
-        while running:
+        finished: set[int] = set()  # ranks of the processes that said they were done
+        while len(finished) < len(procs):
             try:
                 kind, payload = results.get(timeout=_POLL_S)
             except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"{dead[0].name} died with exit code {dead[0].exitcode}")
-                continue
+                kind, payload = None, None
             if kind == "error":
                 raise RuntimeError(payload)
             if kind == "done":
-                running -= 1
-            else:
-                yield payload
+                finished.add(payload)
+            shards = [payload] if kind == "shard" else []
+            _check_alive(procs, finished, results, shards)
+            yield from shards
     finally:
         for p in procs:
             if p.is_alive():

@@ -105,9 +105,13 @@ def test_bad_device_specs_are_clear_errors(spec, message):
 def test_device_specs_resolve_to_one_process_per_entry():
     assert ExtractParams(device="cuda:0, cuda:2").device == ["cuda:0", "cuda:2"]
     assert resolve_devices(["cpu", "cpu", "cpu"]) == ["cpu", "cpu", "cpu"]
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    want = [f"cuda:{i}" for i in range(count)] if count > 1 else ["cuda" if count else "cpu"]
-    assert resolve_devices("auto") == want
+    with pytest.MonkeyPatch.context() as mp_:  # what auto sees on machines without one
+        mp_.setattr(torch.cuda, "is_available", lambda: True)
+        for count, want in ((4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]), (1, ["cuda"])):
+            mp_.setattr(torch.cuda, "device_count", lambda count=count: count)
+            assert resolve_devices("auto") == want
+        mp_.setattr(torch.cuda, "is_available", lambda: False)
+        assert resolve_devices("auto") == ["cpu"]
     with pytest.raises(ValueError, match="takes one device name"):
         ExtractParams(device=["cpu", "cpu"], runner="dask", dask_address="tcp://s:8786")
     if not torch.cuda.is_available():
@@ -144,7 +148,7 @@ def test_dask_tasks_asking_for_a_gpu_run_only_on_workers_that_have_one(tmp_path,
     assert want.keys() == got.keys() and len(got) == 8
     for name in want:
         assert want[name][0] == got[name][0]
-        assert np.allclose(want[name][1], got[name][1], atol=1e-6), name
+        assert np.array_equal(want[name][1], got[name][1]), name
 
 
 def test_cuda_device_asks_dask_for_a_gpu_by_default():
@@ -182,3 +186,54 @@ def test_a_failing_device_process_fails_the_run_with_its_error(tmp_path, tiny_ba
         list(embed_on_devices(jobs, model_dir, params, ["cpu", "cpu"]))
     assert not set(mp.active_children()) - before
     assert not (tmp_path / "b.arrow").exists()
+
+
+def test_a_device_process_killed_mid_run_fails_the_run_at_once(tmp_path, tiny_backbone):
+    """SIGKILL one of two processes after its first shard: the run stops with its name and
+    exit code (not after the other finishes), and no device process is left behind."""
+    import signal
+
+    from tasks.extract_devices import embed_on_devices
+
+    before = set(mp.active_children())
+    root = make_project(tmp_path, tiny_backbone, images=40, per_shard=2)
+    jobs = [(str(s), str(tmp_path / "out" / f"{s.stem}.arrow"))
+            for s in sorted((root / "data" / "03_shards").rglob("*.tar"))]
+    params = ExtractParams(batch_size=2, num_workers=0, cache_dir="")
+    model_dir = str(root / "data" / "00_models" / "tiny")
+    seen = []
+    with pytest.raises(RuntimeError, match=r"extract-cpu died with exit code -9 before it"):
+        for stats in embed_on_devices(jobs, model_dir, params, ["cpu", "cpu"]):
+            if not seen:
+                os.kill(stats["pid"], signal.SIGKILL)
+            seen.append(stats)
+    assert len(seen) < len(jobs) // 2  # not after the other process embedded the rest
+    assert not set(mp.active_children()) - before
+
+
+def test_a_process_that_said_it_was_done_may_exit_badly():
+    """A device process whose driver crashes at teardown, after it sent "done", lost no
+    shard: its exit code fails nothing. One that exits before "done" fails the run, with
+    the error it queued if it queued one."""
+    import time
+    from types import SimpleNamespace
+
+    from tasks.extract_devices import _check_alive
+
+    procs = [SimpleNamespace(exitcode=None, name="extract-cuda:0"),
+             SimpleNamespace(exitcode=139, name="extract-cuda:1")]
+    results = mp.get_context("spawn").Queue()
+    results.put(("shard", {"images": 3}))
+    results.put(("done", 1))
+    time.sleep(0.2)  # the queue's feeder thread writes to the pipe
+    finished, shards = set(), []
+    _check_alive(procs, finished, results, shards)
+    assert finished == {1} and shards == [{"images": 3}]
+    procs[0].exitcode = 0  # gone without a word: its error message is read and raised
+    results.put(("error", "extract on cuda:0 failed:\nTraceback"))
+    time.sleep(0.2)
+    with pytest.raises(RuntimeError, match="extract on cuda:0 failed"):
+        _check_alive(procs, finished, results, shards)
+    procs[0].exitcode = -9
+    with pytest.raises(RuntimeError, match="extract-cuda:0 died with exit code -9"):
+        _check_alive(procs, finished, results, shards)
