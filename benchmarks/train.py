@@ -4,11 +4,16 @@ and what a GPU would change (a projection, labelled as one).
 The preset trains on ~950,000 images x 1,536-d (two ViT-L backbones of 768-d each), 17,850
 classes, batch 128, 300 epochs (presets/2xclip.yaml). This writes `--fraction` of those rows
 (default 5%, with all 17,850 classes) as two backbones' Arrow feature shards, then times one
-epoch of `train_head` on them in three child processes, so each has its own peak RSS:
+epoch of `train_head` on them, with the preset's own `train` settings (sub-center ArcFace
+with 3 centres a class, Adam, the step schedule), in three child processes, so each has its
+own peak RSS:
 
 - `ram`: the split read into one preallocated matrix (train.max_memory_gb above its size);
 - `streamed`: every batch read from the memory-mapped shards (train.max_memory_gb tiny);
-- `partial_fc`: in RAM, each step's ArcFace softmax over 1,024 classes (train.class_sample).
+- `partial_fc`: in RAM, each step's ArcFace softmax over 1,024 classes (train.class_sample);
+- `plain`: in RAM with params.yaml's defaults instead (plain ArcFace, AdamW, one centre a
+  class): what this benchmark measured before it took the preset's settings, as a baseline
+  for the ratio `preset_over_plain` (times on a busy machine vary; ratios in one run less).
 
 The full epoch is extrapolated linearly from the fraction: the step count scales with rows,
 and a step's work does not depend on the row count (the ArcFace weights are 17,850 x 64
@@ -32,6 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 PRESET = {"images": 950_000, "dims": (768, 768), "classes": 17_850, "batch": 128, "epochs": 300}
 SHARD_ROWS = 10_000  # rows per feature file: extract writes one file per WebDataset shard
@@ -92,8 +101,13 @@ def child(root: Path, mode: str, batch: int) -> dict:
     load_s = time.perf_counter() - start
     dim = sum(PRESET["dims"])
     val = SplitFeatures([], np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
-    params = TrainParams(epochs=1, batch_size=batch, embedding_dim=EMBEDDING_DIM, device="cpu",
-                         class_sample=PARTIAL_FC if mode == "partial_fc" else 0)
+    if mode == "plain":  # the baseline this benchmark measured before: params' defaults
+        params = TrainParams(epochs=1, batch_size=batch, embedding_dim=EMBEDDING_DIM,
+                             device="cpu", threads=preset_train()["threads"])
+    else:
+        params = TrainParams(**{**preset_train(), "epochs": 1, "device": "cpu",
+                                "class_sample": PARTIAL_FC if mode == "partial_fc" else 0})
+    assert (params.batch_size, params.embedding_dim) == (batch, EMBEDDING_DIM)
     # warm-up: the first batches on these CPUs run several times slower
     warm = np.random.default_rng(1).standard_normal((2_000, dim), dtype=np.float32)
     train_head(SplitFeatures([str(i) for i in range(2_000)], train.class_ids[:2_000], warm),
@@ -111,9 +125,19 @@ def child(root: Path, mode: str, batch: int) -> dict:
 PARTIAL_FC = 1024  # partial_fc mode: train.class_sample, classes in each step's softmax
 
 
+def preset_train() -> dict:
+    """The 2xclip preset's `train` section over params.yaml's: its loss (sub-center ArcFace,
+    3 centres a class), head, optimizer and schedule, as `dvc repro` would train it."""
+    from tasks.presets import preset_params
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    return preset_params("2xclip", base)["train"]
+
+
 def head_flops_per_step(batch: int, dim: int, classes: int) -> float:
     """Multiply-adds x 2 of one training step's matmuls: the 1,536 -> 64 projection (forward
-    and weight gradient) and the 64 x classes cosines (forward, input and weight gradients)."""
+    and weight gradient) and the 64 x (classes x centres) cosines (forward, input and weight
+    gradients); `classes` counts every centre."""
     projection = 2 * batch * dim * EMBEDDING_DIM * 2
     cosines = 2 * batch * EMBEDDING_DIM * classes * 3
     return float(projection + cosines)
@@ -156,14 +180,15 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_features(Path(tmp), rows, classes)
-        for mode in ("ram", "streamed", "partial_fc"):
+        for mode in ("ram", "streamed", "partial_fc", "plain"):
             out = subprocess.run([sys.executable, __file__, "--child", tmp, mode], check=True,
                                  capture_output=True, text=True).stdout
             runs[mode] = json.loads(out.strip().splitlines()[-1])
     scale = PRESET["images"] / rows
     steps = -(-PRESET["images"] // batch)
-    flops_epoch = head_flops_per_step(batch, dim, classes) * steps
-    gflops = cpu_matmul_gflops(batch, dim, classes, runs["ram"]["threads"])
+    centres = classes * preset_train()["subcenters"]
+    flops_epoch = head_flops_per_step(batch, dim, centres) * steps
+    gflops = cpu_matmul_gflops(batch, dim, centres, runs["ram"]["threads"])
     cpu_epoch = runs["ram"]["epoch_s"] * scale
     flop_bound = {name: {precision: round(flops_epoch / (tflops * 1e12), 2)
                          for precision, tflops in peaks.items()}
@@ -178,6 +203,7 @@ def main() -> None:
         "extrapolated_300_epochs_h": {m: round(r["epoch_s"] * scale * PRESET["epochs"] / 3600, 1)
                                       for m, r in runs.items()},
         "streamed_over_ram": round(runs["streamed"]["epoch_s"] / runs["ram"]["epoch_s"], 2),
+        "preset_over_plain": round(runs["ram"]["epoch_s"] / runs["plain"]["epoch_s"], 2),
         f"partial_fc_{PARTIAL_FC}_over_ram": round(runs["partial_fc"]["epoch_s"]
                                                    / runs["ram"]["epoch_s"], 2),
         # the CPU time a step spends reading its batch from the mapped shards: on a GPU it

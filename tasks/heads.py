@@ -63,7 +63,8 @@ class MultiDropoutHead(nn.Module):
         return F.normalize(out, dim=-1)
 
 
-def build_head(kind: str, in_dim: int, out_dim: int, dropout: float, branches: int = 4) -> nn.Module:
+def build_head(kind: str, in_dim: int, out_dim: int, dropout: float,
+               branches: int = 4) -> nn.Module:
     if kind == "dropout_linear":
         return EmbeddingHead(in_dim, out_dim, dropout)
     if kind == "bn_linear":
@@ -82,16 +83,19 @@ def dynamic_margins(class_counts: np.ndarray, low: float, high: float) -> torch.
 
 
 class ArcFace(nn.Module):
-    """Additive angular margin logits: s*cos(theta_y + m_y) for the true class, s*cos(theta_j) otherwise.
+    """Additive angular margin logits: s*cos(theta_y + m_y) for the true class, else s*cos(theta_j).
 
     `subcenters` > 1 gives each class k centres and scores a class by its
     closest centre; `margins` (one per class) replaces the single margin.
 
     `sample_classes` > 0 is Partial FC (An et al., 2021): each step's softmax runs
     over that many classes, every class of the batch plus others drawn at random
-    (torch's seeded generator), so a step costs the same with 1,000 classes or
-    100,000; only the drawn classes' centres get a gradient. 0, or as many as
-    there are classes, is the whole softmax.
+    (torch's seeded generator). Only the drawn classes' centres get a gradient, and
+    it is a sparse one (their rows alone), so an optimizer for sparse gradients
+    (`torch.optim.SparseAdam`, as `train` uses) updates those rows and their moments
+    and leaves the others as they are, as Partial FC's reference code does: a step
+    then costs the same with 1,000 classes or 100,000. 0, or as many as there are
+    classes, is the whole softmax, with a dense gradient.
     """
 
     def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3,
@@ -105,14 +109,24 @@ class ArcFace(nn.Module):
         self.scale, self.label_smoothing = scale, label_smoothing
         margins = torch.full((num_classes,), float(margin)) if margins is None else margins.float()
         if margins.shape != (num_classes,):
-            raise ValueError(f"margins must have shape ({num_classes},), got {tuple(margins.shape)}")
+            raise ValueError(f"margins must have shape ({num_classes},), "
+                             f"got {tuple(margins.shape)}")
         self.register_buffer("margins", margins)
 
+    @property
+    def samples(self) -> bool:
+        """Whether a training step draws classes (Partial FC): the centres' gradient is then
+        sparse, for an optimizer that takes one."""
+        return 0 < self.sample_classes < self.num_classes
+
     def cosines(self, emb: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Cosine to each class (its best sub-centre): every class, or `classes` (sorted ids)."""
+        """Cosine to each class (its best sub-centre): every class, or `classes` (sorted ids),
+        whose centres' rows are gathered with a sparse gradient."""
         weight, n = self.weight, self.num_classes
         if classes is not None:
-            weight = weight.view(n, self.subcenters, -1)[classes].flatten(0, 1)
+            k = self.subcenters
+            rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
+            weight = F.embedding(rows, self.weight, sparse=True)
             n = len(classes)
         cos = F.linear(F.normalize(emb, dim=-1), F.normalize(weight, dim=-1))
         if self.subcenters > 1:
@@ -122,7 +136,7 @@ class ArcFace(nn.Module):
     def draw_classes(self, labels: torch.Tensor) -> torch.Tensor | None:
         """The sorted class ids one step's softmax runs over: the batch's own classes and
         random others up to `sample_classes`; None for the whole softmax."""
-        if not 0 < self.sample_classes < self.num_classes:
+        if not self.samples:
             return None
         score = torch.rand(self.num_classes, device=labels.device)
         score[labels] = 2.0  # the batch's classes always make it in

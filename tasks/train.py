@@ -23,12 +23,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
                             load_concat, load_or_map, read_manifest, seeded_rows, select)
-from tasks.heads import (HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins,
-                         embed_with_head)
-from tasks.metrics import mean_precision_at_k
+from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins
+from tasks.metrics import mean_precision_at_k, precision_at_k
 from tasks.params.train import TrainParams
 from tasks.schedules import deterministic, warmup_cosine, warmup_linear_decay, warmup_step
 from tasks.schemas.io import atomic_path, write_json
+from tasks.train_device import (Rows, batch_rows, embed_array, embed_cpu, embed_rows, knn_ids,
+                                resolve_device)
 
 
 @dataclass
@@ -66,40 +67,19 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-EMBED_CHUNK = 65_536  # rows embedded at a time when the train split is streamed or on a GPU
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto`: the GPU when torch sees one, else the CPU; `cuda` without a GPU is an error."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = cuda but torch sees no CUDA device: use auto or cpu")
-    return torch.device(device)
-
-
-def _embed(head: nn.Module, features: SplitFeatures | MappedFeatures,
-           device: torch.device) -> np.ndarray:
-    """The head's embeddings of every row, on the CPU. In RAM on the CPU: one call, as
-    always (the bytes of the committed metrics); else in chunks read and sent to `device`."""
-    if isinstance(features, SplitFeatures) and device.type == "cpu":
-        return embed_with_head(head, features.embeddings)
-    head.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(features.keys), EMBED_CHUNK):
-            rows = np.arange(start, min(start + EMBED_CHUNK, len(features.keys)))
-            batch = (features.rows(rows) if isinstance(features, MappedFeatures)
-                     else features.embeddings[start:start + EMBED_CHUNK])
-            out.append(head(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+def _gpu_precision(index: torch.Tensor, index_labels: np.ndarray, queries: torch.Tensor,
+                   query_labels: np.ndarray, k: int = 5) -> np.ndarray:
+    """Per-query P@k from an exact search on the GPU (`knn_ids`), scored as on the CPU."""
+    ids = knn_ids(index, queries, k)
+    return precision_at_k(index_labels[ids], query_labels, index_labels, k)
 
 
 def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeatures,
-                xv: torch.Tensor, yv: torch.Tensor, val_ids: np.ndarray,
+                rows: Rows, xv: torch.Tensor, yv: torch.Tensor, val_ids: np.ndarray,
                 device: torch.device) -> dict[str, float]:
     """The val split's accuracy, loss and mP@5 with the train split as the index: how well
-    the head knows the training classes (a monitor, not a selection signal)."""
+    the head knows the training classes (a monitor, not a selection signal). On a GPU the
+    train split is embedded from the rows training reads and searched there."""
     if len(xv) == 0:
         return {"val_acc": math.nan, "val_loss": math.nan, "val_mP@5": math.nan}
     head.eval()
@@ -107,7 +87,12 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeat
         emb = head(xv)
         acc = (arc.predict(emb) == yv).float().mean().item()
         loss = arc(emb, yv, sample=False).item()
-    index = _embed(head, train, device)
+    if device.type == "cuda":
+        index_emb = embed_rows(head, rows, len(train.keys), device)
+        per_query = _gpu_precision(index_emb, train.class_ids, emb, val_ids)
+        mp5 = float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
+        return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
+    index = embed_cpu(head, train)
     mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.cpu().numpy(), val_ids, k=5)
     return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
 
@@ -119,8 +104,12 @@ def _validation_classes_score(head: nn.Module, validation: GroupData | None,
     if validation is None or not validation.query.keys or not validation.index.keys:
         return math.nan
     query, index = validation.query, validation.index
-    _, per_query, _ = mean_precision_at_k(_embed(head, index, device), index.class_ids,
-                                          _embed(head, query, device), query.class_ids, k=5)
+    if device.type == "cuda":
+        per_query = _gpu_precision(embed_array(head, index.embeddings, device), index.class_ids,
+                                   embed_array(head, query.embeddings, device), query.class_ids)
+    else:
+        _, per_query, _ = mean_precision_at_k(embed_cpu(head, index), index.class_ids,
+                                              embed_cpu(head, query), query.class_ids, k=5)
     return float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
 
 
@@ -157,6 +146,22 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
                    sample_classes=params.class_sample)
 
 
+def make_optimizers(head: nn.Module, arc: ArcFace,
+                    params: TrainParams) -> list[torch.optim.Optimizer]:
+    """Adam or AdamW over the head and the ArcFace centres; with Partial FC, SparseAdam for
+    the centres instead: their gradient is sparse (the drawn classes' rows) and SparseAdam
+    updates only those rows and their moments, so a step's cost stays off the class count
+    (a dense optimizer would step every centre, its moments carrying the undrawn ones).
+    SparseAdam has no weight decay, so the centres then take none."""
+    optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
+    dense = list(head.parameters()) + ([] if arc.samples else list(arc.parameters()))
+    opts: list[torch.optim.Optimizer] = [
+        optimizer(dense, lr=params.lr, weight_decay=params.weight_decay)]
+    if arc.samples:
+        opts.append(torch.optim.SparseAdam(list(arc.parameters()), lr=params.lr))
+    return opts
+
+
 def train_head(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: TrainParams,
                validation: GroupData | None = None,
                class_images: dict[int, int] | None = None) -> TrainResult:
@@ -174,15 +179,6 @@ def train_head(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params
         torch.set_num_threads(threads)
 
 
-def _batches(train: SplitFeatures | MappedFeatures, device: torch.device):
-    """`rows(index) -> tensor on device`: from one tensor in RAM (moved to the GPU whole), or
-    read from the memory-mapped shards and normalised per batch; the same values either way."""
-    if isinstance(train, MappedFeatures):
-        return lambda idx: torch.from_numpy(train.rows(idx.numpy())).to(device, non_blocking=True)
-    x = torch.from_numpy(train.embeddings).to(device)
-    return lambda idx: x[idx.to(device)]
-
-
 def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: TrainParams,
            validation: GroupData | None, class_images: dict[int, int] | None,
            device: torch.device) -> TrainResult:
@@ -193,7 +189,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     remap = {int(c): i for i, c in enumerate(classes)}
     n, dim = len(train.keys), (train.dim if isinstance(train, MappedFeatures)
                                else train.embeddings.shape[1])
-    rows = _batches(train, device)
+    rows = batch_rows(train, device)
     y = torch.tensor([remap[int(c)] for c in train.class_ids]).to(device)
     known = np.isin(val.class_ids, classes)
     if params.monitor_queries and known.sum() > params.monitor_queries:
@@ -212,9 +208,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     arc = make_loss(params, classes, class_images).to(device)
     autocast = (torch.autocast("cuda", torch.bfloat16)
                 if device.type == "cuda" and params.amp == "bf16" else nullcontext())
-    optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
-    opt = optimizer(list(head.parameters()) + list(arc.parameters()), lr=params.lr,
-                    weight_decay=params.weight_decay)
+    opts = make_optimizers(head, arc, params)
     steps_per_epoch = -(-n // params.batch_size)
     total = steps_per_epoch * params.epochs
     warmup = int(params.warmup_fraction * total)
@@ -223,7 +217,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     else:
         decay = warmup_cosine if params.schedule == "cosine" else warmup_linear_decay
         shape = decay(total, warmup)
-    sched = LambdaLR(opt, shape)
+    scheds = [LambdaLR(opt, shape) for opt in opts]
     gen = torch.Generator().manual_seed(params.seed)
 
     history: list[dict[str, float]] = []
@@ -240,10 +234,12 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
             with autocast:
                 emb = head(rows(idx))
                 loss, nearest = arc.loss_and_predictions(emb, labels)
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
             hits = (nearest == labels).sum()
             if device.type == "cuda":  # kept on the GPU, read once per epoch: no sync per step
                 losses.append(loss.detach().clone())
@@ -252,11 +248,15 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
                 losses.append(loss.item())
                 correct += hits.item()
         selection = _validation_classes_score(head, validation, device)
+        monitored = epoch % params.monitor_every == 0 or epoch == params.epochs
+        monitor = (_val_scores(head, arc, train, rows, xv, yv, val.class_ids[known], device)
+                   if monitored else dict.fromkeys(("val_acc", "val_loss", "val_mP@5"), math.nan))
         history.append({"epoch": epoch,
                         "train_loss": float(np.mean([float(v) for v in losses])),
                         "train_acc": int(correct) / n,
-                        **_val_scores(head, arc, train, xv, yv, val.class_ids[known], device),
-                        "validation_classes_mP@5": selection, "lr": sched.get_last_lr()[0]})
+                        **monitor,
+                        "validation_classes_mP@5": selection,
+                        "lr": scheds[0].get_last_lr()[0]})
         if params.early_stopping_patience and not math.isnan(selection):
             if selection > best:
                 best, best_state, best_epoch, since_best = (

@@ -92,8 +92,11 @@ def test_partial_fc_is_arcface_over_the_drawn_classes(subcenters):
         row[j] = 10.0 * expected_target(float(cos[i, j]), 0.3)
         expected += -torch.log_softmax(row, 0)[j].item() / len(labels)
     assert loss.item() == pytest.approx(expected, abs=1e-4)
-    touched = arc.weight.grad.view(50, subcenters, 8).abs().sum((1, 2)) > 0
+    assert arc.weight.grad.is_sparse  # the drawn rows alone, for SparseAdam
+    touched = arc.weight.grad.to_dense().view(50, subcenters, 8).abs().sum((1, 2)) > 0
     assert set(torch.nonzero(touched).flatten().tolist()) <= set(drawn.tolist())
+    rows = arc.weight.grad.coalesce().indices()[0].div(subcenters, rounding_mode="floor")
+    assert set(rows.tolist()) == set(drawn.tolist())
 
 
 def whole_and_sampled(classes: int, sample: int, seed: int):
@@ -136,6 +139,37 @@ def test_predictions_come_from_the_losses_own_cosines():
     cos = F.normalize(emb, dim=-1) @ F.normalize(sampled.weight.detach(), dim=-1).T
     assert torch.equal(nearest, drawn[cos[:, drawn].argmax(dim=1)])
     assert set(nearest.tolist()) <= set(drawn.tolist())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_partial_fc_steps_only_the_drawn_centres(optimizer):
+    """With Partial FC, a step and the next leave every undrawn class's centre bit-equal
+    (a dense Adam would move them all: its moments carry earlier steps), and move the drawn
+    ones; with the whole softmax every centre moves. The head's optimizer is unchanged."""
+    from tasks.train import make_optimizers
+
+    for sample in (6, 0):
+        torch.manual_seed(0)
+        params = TrainParams(epochs=1, class_sample=sample, optimizer=optimizer, lr=1e-2,
+                             embedding_dim=8)
+        head, arc = build_head("dropout_linear", 16, 8, 0.0), ArcFace(8, 40, sample_classes=sample)
+        opts = make_optimizers(head, arc, params)
+        dense = {"adam": "Adam", "adamw": "AdamW"}[optimizer]
+        assert [type(o).__name__ for o in opts] == [dense, "SparseAdam"][:2 if sample else 1]
+        for step in range(2):
+            before = arc.weight.detach().clone()
+            x, labels = torch.randn(8, 16), torch.randint(0, 40, (8,))
+            torch.manual_seed(10 + step)
+            loss = arc(head(x), labels)
+            torch.manual_seed(10 + step)
+            drawn = arc.draw_classes(labels)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            moved = set(torch.nonzero((arc.weight.detach() != before).any(1)).flatten().tolist())
+            assert moved == (set(drawn.tolist()) if sample else set(range(40)))
 
 
 def test_partial_fc_still_learns():

@@ -214,3 +214,24 @@ def test_the_monitor_scores_a_fixed_sample_of_the_val_split():
     alone = train_head(train, select(val, keep), base)
     assert [h["val_mP@5"] for h in sampled.history] == [h["val_mP@5"] for h in alone.history]
     assert [h["val_mP@5"] for h in sampled.history] != [h["val_mP@5"] for h in whole.history]
+
+
+def test_the_monitor_runs_every_nth_epoch_and_the_last_and_changes_no_byte():
+    """monitor_every 3 over 7 epochs scores epochs 3, 6 and 7 (the same values as every
+    epoch's monitor there), leaves the others null, and trains the same head bytes."""
+    from conftest import clusters
+    from tasks.params.train import TrainParams
+    from tasks.train import train_head
+
+    train = clusters(range(6), 10, dim=16, seed=0, noise=2.0)
+    val = clusters(range(6), 4, dim=16, seed=1, noise=2.0)
+    base = TrainParams(epochs=7, embedding_dim=8, batch_size=16, early_stopping_patience=0)
+    every = train_head(train, val, base)
+    sparse = train_head(train, val, base.model_copy(update={"monitor_every": 3}))
+    for a, b in zip(every.head.state_dict().values(), sparse.head.state_dict().values()):
+        assert torch.equal(a, b)
+    for e, s in zip(every.history, sparse.history):
+        monitored = s["epoch"] in (3, 6, 7)
+        for name in ("val_acc", "val_loss", "val_mP@5"):
+            assert s[name] == (e[name] if monitored else None), (s["epoch"], name)
+        assert s["train_loss"] == e["train_loss"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -10,6 +10,10 @@ from tasks.params.base import _Section
 
 
 class TrainParams(_Section):
+    # Settings that change how fast the stage runs, never a byte it writes (tested: the
+    # streamed split trains the in-RAM head's bytes): not DVC params of the stage.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"max_memory_gb"})
+
     # The backbones (names in `variants`) whose features the head concatenates, in this
     # order; null: every variant, in the order `variants` lists them.
     backbones: list[str] | None = None
@@ -50,6 +54,10 @@ class TrainParams(_Section):
     # train split) scores: 0 = all; else a seeded sample of that many, so its search grows
     # with the train split, not with its square. Early stopping never reads the monitor.
     monitor_queries: int = Field(2000, ge=0)
+    # The monitor runs after every monitor_every-th epoch and the last (1: every epoch); in
+    # between its history entries are null. At the 2xclip preset's size it is the costliest
+    # part of an epoch on a GPU (CPU faiss search against ~864,000 train rows).
+    monitor_every: int = Field(1, ge=1)
     # Validation-classes queries early stopping scores each epoch against all their index
     # images: 0 = all; else a seeded sample of that many, the same every epoch, so the
     # search grows with the index, not with its square (benchmarks/scale.py). The embedded
