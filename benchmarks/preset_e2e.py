@@ -2,7 +2,7 @@
 
 Builds a temporary git + DVC project from this one's files (flows/, tasks/,
 presets/, dvc.yaml, params.yaml, .dvc/plots), runs `python -m flows.preset
-<preset>` in it, then points the preset's four sources at miniature copies of
+<preset>` in it, then points the preset's sources (2xclip: four) at miniature copies of
 their published layouts (tests/miniatures.py), each source keeping its kind:
 the two kaggle:// competitions as local copies of the zips Kaggle serves,
 Products-10K as a local folder, RP2K as its local zip. Only sizes shrink
@@ -78,8 +78,9 @@ PRESETS = {
         ("train", "step_epochs"): 1,  # x0.1 after 1/3 and 2/3 of training, as 100 of 300 epochs
     }),
     # ViT-H-14 trains at several seconds an image on 2 CPU cores, four times over: 4 classes
-    # a source (2 train, 1 validation, 1 test), 4 images a class, so each run sees 24 train
-    # images in 3 optimizer steps of 4 accumulated batches of 2 (the preset: 4 of 64).
+    # a source (2 train, 1 validation, 1 test), 4 images a class, so each run sees 12 train
+    # images of its two sources in 2 optimizer steps of 4 accumulated batches of 2 (the
+    # preset: 4 of 8).
     "finetune_vit_h14_seed004": Miniature(4, {
         ("sample", "num_classes"): dict.fromkeys(SOURCES, 4),
         ("sample", "samples"): 4,
@@ -92,7 +93,7 @@ PRESETS = {
         ("finetune", "accumulate"): 4,
         ("train", "epochs"): 2,
         ("train", "batch_size"): 16,
-        ("evaluate", "pca_dim"): 16,  # the zero-shot lines' PCA: 24 train images fit no 64-d one
+        ("evaluate", "pca_dim"): 8,  # the zero-shot lines' PCA: 12 train images fit no 64-d one
     }),
 }
 
@@ -122,8 +123,9 @@ def distinct_images(dataset: int) -> Iterator[None]:
         miniatures._img = image
 
 
-def miniature_sources(root: Path, classes: int) -> dict[str, dict]:
-    """The four datasets as published, in miniature; `sources` entries of the preset's kinds."""
+def miniature_sources(root: Path, classes: int, slugs: dict[str, str]) -> dict[str, dict]:
+    """The four datasets as published, in miniature; `sources` entries of the preset's kinds.
+    `slugs`: the Kaggle competition a kaggle:// source names, for its zip's file name."""
     stage = root / "staging"
     with distinct_images(1):
         miniatures.imagenet(stage / "imagenet", classes=classes + 1, per_class=10)
@@ -134,9 +136,8 @@ def miniature_sources(root: Path, classes: int) -> dict[str, dict]:
     with distinct_images(4):
         miniatures.products10k(root / "products10k", classes=classes + 1, per_class=10)
     uris = {
-        "imagenet": miniatures.zip_dir(stage / "imagenet",
-                                       root / "imagenet-object-localization-challenge.zip"),
-        "landmarks": miniatures.zip_dir(stage / "glr", root / "landmark-recognition-2021.zip"),
+        "imagenet": miniatures.zip_dir(stage / "imagenet", root / f"{slugs['imagenet']}.zip"),
+        "landmarks": miniatures.zip_dir(stage / "glr", root / f"{slugs['landmarks']}.zip"),
         "products10k": root / "products10k",
         "rp2k": miniatures.zip_dir(stage / "rp2k", root / "rp2k_dataset.zip", top="all"),
     }
@@ -147,11 +148,17 @@ def miniature_sources(root: Path, classes: int) -> dict[str, dict]:
 def configure(repo: Path, data: Path, mini: Miniature) -> dict:
     """Shrink the preset's sizes and swap its sources; returns what changed, from what."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    used = params["sources"]
     changed = {}
     for (section, key), value in mini.shrink.items():
+        if (section, key) == ("sample", "num_classes"):
+            value = {name: n for name, n in value.items() if name in used}
         changed[f"{section}.{key}"] = {"preset": params[section][key], "run": value}
         params[section][key] = value
-    sources = miniature_sources(data, mini.classes)
+    slugs = {name: str(used[name]["uri"]).rsplit("/", 1)[-1] if name in used else name
+             for name in ("imagenet", "landmarks")}
+    sources = {name: entry for name, entry in miniature_sources(data, mini.classes, slugs).items()
+               if name in used}
     for name, entry in sources.items():
         was = params["sources"][name]
         assert was["kind"] == entry["kind"], (was, entry)

@@ -29,11 +29,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
 from tasks.decode import decode_pool, release_pool
-from tasks.finetune_blocks import configure, phase_of, phases, tower_parts
+from tasks.finetune_blocks import HEAD, check_block_lrs, configure, phase_of, phases, tower_parts
 from tasks.finetune_resolution import check_resizable, config_at, set_image_size
 from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
                                   rng_state, run_folder, save_checkpoint, training_images)
-from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead
+from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead, dynamic_margins
 from tasks.params.finetune import FinetuneRun
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.io import atomic_path, write_json
@@ -66,10 +66,21 @@ class FinetuneResult:
 
 
 def make_optimizer(model: nn.Module, heads: list[nn.Module], run: FinetuneRun,
-                   phase: str) -> torch.optim.AdamW:
-    """AdamW over what trains in `phase`, one param group per tower part (named, at the
-    schedule's lr) and one for the heads; everything else frozen (`configure`)."""
+                   phase: str) -> torch.optim.Optimizer:
+    """The optimizer of what trains in `phase`, one param group per tower part (named, at the
+    schedule's lr) and one for the heads; everything else frozen (`configure`).
+
+    AdamW, but SGD with momentum in head_then_backbone's head phase when `head_optimizer`
+    says so (1st place). The heads' group takes `weight_decay_head` where it is given.
+    """
     groups = configure(model, tower_parts(model.visual), heads, run, phase)
+    if run.weight_decay_head is not None:
+        for group in groups:
+            if group["name"] == "head":
+                group["weight_decay"] = run.weight_decay_head
+    if phase == HEAD and run.head_optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=run.lr_head, momentum=run.momentum,
+                               weight_decay=run.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=run.weight_decay)
 
 
@@ -113,7 +124,14 @@ class _Trainer:
         mean loss.
 
         Each batch's loss is weighted by its share of its group's images, so the summed
-        gradients are those of one batch of the whole group (a short last group too).
+        gradients are those of one batch of the whole group (a short last group too), as far
+        as the tower has no layer that mixes a batch's rows: BatchNorm in train mode
+        normalises each batch by its own statistics, so with `batchnorm: train` the sum is
+        `accumulate` smaller batches' gradients, not one large batch's.
+
+        With fp16 the gradient scaler skips a step whose gradients overflowed (and lowers its
+        scale); the schedule then does not advance either, so no warm-up step is spent on
+        an update that never happened.
         """
         total_loss, images = 0.0, 0
         for group in groups:
@@ -122,10 +140,12 @@ class _Trainer:
                 loss = self.loss(*next(batches))
                 self.scaler.scale(loss * (len(idx) / size)).backward()
                 total_loss, images = total_loss + loss.item() * len(idx), images + len(idx)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.opt)
             self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+            if scale is None or self.scaler.get_scale() >= scale:
+                self.sched.step()
         return total_loss / max(images, 1)
 
 
@@ -160,6 +180,17 @@ def epoch_batches(samples: list[SampleRef], labels: torch.Tensor, cuts: list[tor
         yield x, labels[idx]
 
 
+def class_margins(run: FinetuneRun, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Each class's ArcFace margin in the first epoch: arcface_margin for all, or with
+    dynamic_arcface from margin_min (the class with most training images) to margin_max
+    (the fewest), as `train` sets them (`tasks.heads.dynamic_margins`). In float64, so
+    that adding an epoch's margin_step rounds once, into ArcFace's float32 buffer."""
+    if run.loss == "dynamic_arcface":
+        counts = torch.bincount(labels, minlength=classes).numpy()
+        return dynamic_margins(counts, run.margin_min, run.margin_max).double()
+    return torch.full((classes,), run.arcface_margin, dtype=torch.float64)
+
+
 def steps_per_epoch(images: int, run: FinetuneRun) -> int:
     """Optimizer steps in one epoch: batches of batch_size, `accumulate` per step."""
     return math.ceil(math.ceil(images / run.batch_size) / run.accumulate)
@@ -191,7 +222,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
               manifest: Path, shards_dir: Path,
               progress: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
     model, preprocess, info = load_backbone(base_dir)
-    tower_parts(model.visual)  # refuse an unknown tower before any work
+    check_block_lrs(tower_parts(model.visual), run)  # refuse an unknown tower before any work
     if run.image_sizes:
         vision_cfg = json.loads((base_dir / CONFIG_NAME).read_text())["model_cfg"]["vision_cfg"]
         check_resizable(model.visual, vision_cfg, run.image_sizes)
@@ -206,6 +237,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     key = cache_key(run, base_dir, samples, shards_dir, device)
     cache = run_folder(Path(run.cache_dir), name, key)
 
+    margins = class_margins(run, labels, len(classes))
     torch.manual_seed(run.seed)
     head = EmbeddingHead(int(info["dim"]), run.embedding_dim, dropout=0.0)
     arc = ArcFace(run.embedding_dim, len(classes), run.arcface_scale, run.arcface_margin,
@@ -239,7 +271,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             size = run.image_size(epoch, size)
             set_image_size(model, size, trainer.opt)  # and the tower's preprocess_cfg
             preprocess = Preprocess.from_cfg(model.visual.preprocess_cfg)
-        arc.margins.fill_(run.margin(epoch))
+        arc.margins.copy_(margins + (epoch - 1) * run.margin_step)
         groups = list(epoch_groups(len(samples), run, generator))
         batches = epoch_batches(samples, labels, [idx for group in groups for idx in group],
                                 preprocess, run.workers, pin=device.type == "cuda")

@@ -86,13 +86,19 @@ def part_lrs(parts: TowerParts, run: FinetuneRun, phase: str) -> dict[str, float
     """lr of each tower part that trains in `phase` (label -> lr); the others are frozen.
 
     layerwise: block i of D at lr_backbone * layer_decay**(D-1-i), the top with the deepest
-    block, the stem one factor below the first block. last_blocks: the last
-    ceil(trainable_fraction * D) blocks and the top.
+    block, the stem one factor below the first block; or, with block_lrs, block i at the lr
+    of the first bound above i, the stem at the first bound's, the top at lr_backbone.
+    last_blocks: the last ceil(trainable_fraction * D) blocks and the top.
     """
     labels = [label for label, _ in parts.labelled()]
     depth = len(parts.blocks)
     if phase == HEAD:
         return {}
+    if run.schedule == "layerwise" and run.block_lrs:
+        check_block_lrs(parts, run)
+        steps = sorted(run.block_lrs.items())
+        lrs = {f"block.{i}": next(lr for bound, lr in steps if i < bound) for i in range(depth)}
+        return {"stem": steps[0][1], **lrs, "top": run.lr_backbone}
     if run.schedule == "layerwise":
         lrs = {f"block.{i}": run.lr_backbone * run.layer_decay ** (depth - 1 - i)
                for i in range(depth)}
@@ -101,6 +107,15 @@ def part_lrs(parts: TowerParts, run: FinetuneRun, phase: str) -> dict[str, float
         keep = math.ceil(run.trainable_fraction * depth - 1e-9)
         return {label: run.lr_backbone for label in labels[1 + depth - keep:]}
     return {label: run.lr_backbone for label in labels}
+
+
+def check_block_lrs(parts: TowerParts, run: FinetuneRun) -> None:
+    """block_lrs must give every block of this tower an lr: its last bound >= the depth."""
+    if run.block_lrs and max(run.block_lrs) < len(parts.blocks):
+        raise ValueError(f"finetune.block_lrs {run.block_lrs} ends at block "
+                         f"{max(run.block_lrs)}, but the {parts.kind} tower has "
+                         f"{len(parts.blocks)} blocks: make the last bound "
+                         f"{len(parts.blocks)}")
 
 
 def head_trains(phase: str) -> bool:

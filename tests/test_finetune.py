@@ -556,4 +556,4 @@ def test_dvc_yaml_lists_every_setting_a_run_trains_with_as_a_param():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["do"]
     listed = {p.split(".", 1)[1] for p in stage["params"]
               if isinstance(p, str) and p.startswith("finetune.") and "${" not in p}
-    assert listed == set(FinetuneRun.model_fields) - {"cache_dir", "workers"}
+    assert listed == set(FinetuneRun.model_fields) - FinetuneRun.SPEED_ONLY

@@ -1,4 +1,5 @@
-"""Presets: every recipe in presets/ validates on top of params.yaml, and the command applies one safely."""
+"""Presets: every recipe in presets/ validates on top of params.yaml, and the command applies one
+safely."""
 
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def test_clip_presets_name_the_real_backbones():
 
 
 def test_overlay_replaces_named_sets_and_merges_sections():
-    merged = apply_overlay(BASE, {"models": {"x": {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai"}},
-                                  "extract": {"batch_size": 7}})
+    model = {"kind": "open_clip", "arch": "ViT-B-32", "pretrained": "openai"}
+    merged = apply_overlay(BASE, {"models": {"x": model}, "extract": {"batch_size": 7}})
     assert list(merged["models"]) == ["x"]
-    assert merged["extract"]["batch_size"] == 7 and merged["extract"]["device"] == BASE["extract"]["device"]
+    assert (merged["extract"]["batch_size"] == 7
+            and merged["extract"]["device"] == BASE["extract"]["device"])
     assert BASE["extract"]["batch_size"] != 7  # the base is not modified
 
 
@@ -61,19 +63,72 @@ def test_preset_command_applies_validates_and_refuses(tmp_path, monkeypatch, cap
 
 def test_competition_recipes_match_the_write_ups():
     two = parse_params(preset_params("2xclip", BASE))
-    assert {(m.arch, m.pretrained) for m in two.models.values()} == {("ViT-L-14-336", "openai"),
-                                                                     ("ViT-L-14", "laion2b_s32b_b82k")}
-    assert dict(two.sample.num_classes) == {"imagenet": 1000, "landmarks": 10000, "products10k": 5000, "rp2k": 1850}
+    assert {(m.arch, m.pretrained) for m in two.models.values()} == {
+        ("ViT-L-14-336", "openai"), ("ViT-L-14", "laion2b_s32b_b82k")}
+    assert dict(two.sample.num_classes) == {"imagenet": 1000, "landmarks": 10000,
+                                            "products10k": 5000, "rp2k": 1850}
     assert two.sample.samples == 55 and round(two.sample.val_fraction * 55) == 5
     assert two.sample.pick == {"landmarks": "most_populous"}
     t = two.train
-    assert (t.head, t.dropout, t.loss, t.optimizer, t.lr, t.schedule, t.step_epochs, t.step_gamma, t.epochs,
-            t.batch_size) == ("dropout_linear", 0.3, "subcenter_arcface", "adam", 1e-3, "step", 100, 0.1, 300, 128)
+    assert (t.head, t.dropout, t.loss, t.optimizer, t.lr, t.schedule, t.step_epochs, t.step_gamma,
+            t.epochs, t.batch_size) == (
+        "dropout_linear", 0.3, "subcenter_arcface", "adam", 1e-3, "step", 100, 0.1, 300, 128)
     dense = parse_params(preset_params("dense64", BASE))
     assert dense.sample.samples == 50 and dense.sample.val_fraction == 0.1
-    assert dense.sample.num_classes["landmarks"] == 7000 and dense.sample.pick["landmarks"] == "most_populous"
+    assert (dense.sample.num_classes["landmarks"] == 7000
+            and dense.sample.pick["landmarks"] == "most_populous")
     assert {s.kind for s in dense.sources.values()} == {"imagenet", "landmarks", "products10k"}
-    assert (dense.train.schedule, dense.train.epochs, dense.train.embedding_dim) == ("linear", 10, 64)
+    assert (dense.train.schedule, dense.train.epochs, dense.train.embedding_dim) == (
+        "linear", 10, 64)
+
+
+def test_seed004_matches_its_notebook():
+    """train_vit_h_224.ipynb and utilities.py of IvanAer/G-Universal-CLIP (4th place), value
+    by value: its CFG (lrs by block, decays, batch, accumulation, epochs, margins, scale),
+    its sub-center ArcFace (k=3) and its 9,691 classes of GLDv2-2020 and of Products-10K."""
+    import open_clip
+
+    from tasks.finetune_blocks import TowerParts, check_block_lrs, part_lrs
+    from tasks.heads import dynamic_margins
+
+    p = parse_params(preset_params("finetune_vit_h14_seed004", BASE))
+    assert [(m.arch, m.pretrained) for m in p.models.values()] == [
+        ("ViT-H-14", "laion2b_s32b_b79k")]
+    vision = open_clip.get_model_config("ViT-H-14")["vision_cfg"]
+    assert (vision["image_size"], vision["layers"]) == (224, 32)
+    assert {name: s.uri for name, s in p.sources.items()} == {
+        "landmarks": "kaggle://competitions/landmark-recognition-2020",
+        "products10k": "/datasets/products10k"}
+    s = p.sample
+    assert (s.samples, s.min_images, s.pick) == (50, 4, {})
+    for n in s.num_classes.values():  # about 9,691 a source left to train on
+        assert abs(n * (1 - s.eval_fraction) - 9691) < 1
+    runs = [p.finetune.run(name) for name in p.finetune.runs]
+    assert [r.seed for r in runs] == [0, 1, 2, 3]
+    r = runs[0]
+    assert (r.schedule, r.epochs, r.batch_size, r.accumulate, r.image_sizes) == (
+        "layerwise", 1, 8, 4, [])
+    assert (r.lr_head, r.weight_decay, r.weight_decay_head) == (3e-4, 1e-3, 1e-5)
+    assert (r.loss, r.margin_min, r.margin_max, r.arcface_scale, r.subcenters) == (
+        "dynamic_arcface", 0.05, 0.5, 30.0, 3)
+    assert abs(r.warmup_fraction - 1000 / 8930) < 1e-3  # 1,000 warm-up steps of 8,930
+    blocks = tuple(f"transformer.resblocks.{i}" for i in range(32))
+    parts = TowerParts("vit", ("conv1",), blocks, ("ln_post", "proj"))
+    check_block_lrs(parts, r)
+    lrs = part_lrs(parts, r, "all")
+    notebook = {"10": 1.25e-6, "20": 2.5e-6, "26": 5e-6, "32": 10e-6}  # CFG.vit_bb_lr
+    for i in range(32):
+        assert lrs[f"block.{i}"] == next(v for k, v in notebook.items() if i < int(k))
+    assert (lrs["stem"], lrs["top"]) == (1.25e-6, 1e-5)
+    # Its margins: tmp = sqrt(1 / sqrt(counts)), min-max scaled into [0, 0.45], + 0.05.
+    counts = [50, 50, 12, 4, 31]
+    tmp = [c ** -0.25 for c in counts]
+    theirs = [(t - min(tmp)) / (max(tmp) - min(tmp)) * 0.45 + 0.05 for t in tmp]
+    ours = dynamic_margins(counts, r.margin_min, r.margin_max).tolist()
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    soup = p.soup["vit_h14_soup"]
+    assert (soup.kind, list(soup.runs)) == ("uniform", list(p.finetune.runs))
+    assert set(p.finetune.runs) | {"vit_h14_laion", "vit_h14_soup"} == set(p.variants)
 
 
 def test_siglip_so400m_matches_mdfe_config():

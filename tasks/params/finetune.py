@@ -23,7 +23,7 @@ finetune:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
@@ -34,6 +34,10 @@ SCHEDULES = ("head_then_backbone", "end_to_end", "layerwise", "last_blocks")
 
 class FinetuneRun(_Section):
     """One fine-tuning run, fully resolved: what `tasks.finetune` trains with."""
+
+    # Where checkpoints wait and how many processes decode: the trained bytes are the same
+    # (tested), so they are not DVC params of finetune@<run>.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "workers"})
 
     # The backbone variant to start from (a key of `models`); the run's output is a new
     # variant folder beside it, in the same layout.
@@ -47,6 +51,10 @@ class FinetuneRun(_Section):
     epochs: int = Field(3, ge=1)
     # head_then_backbone only: epochs of the first phase; the backbone trains for the rest.
     head_epochs: int = Field(1, ge=1)
+    # head_then_backbone only: the first phase's optimizer (1st place: SGD), with `momentum`
+    # for sgd; the backbone's phase, and every other schedule, use AdamW.
+    head_optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
     # Images per forward pass; an optimizer step takes `accumulate` of them, so the
     # effective batch is batch_size * accumulate within what the device's memory holds.
     batch_size: int = Field(32, ge=1)
@@ -57,6 +65,12 @@ class FinetuneRun(_Section):
     lr_backbone: float = Field(1e-6, gt=0.0)
     # layerwise only: each block closer to the input gets this factor more (4th place: 0.6-0.8).
     layer_decay: float = Field(0.7, gt=0.0, le=1.0)
+    # layerwise only, instead of layer_decay: lrs in steps by block depth, {bound: lr} for
+    # the blocks numbered below each bound and at or above the one before (4th place's code:
+    # {10: 1.25e-6, 20: 2.5e-6, 26: 5.0e-6, 32: 1.0e-5}); the stem takes the first step's lr,
+    # the top lr_backbone. The last bound must cover every block of the tower.
+    block_lrs: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=dict)
     # last_blocks only: the share of the blocks that train, the last ones, rounded up.
     trainable_fraction: float = Field(0.5, gt=0.0, le=1.0)
     # BatchNorm in the parts that train (EfficientNet; a ViT has none): `train` re-estimates
@@ -71,10 +85,19 @@ class FinetuneRun(_Section):
     # Share of each phase's optimizer steps with a linear warm-up, then a half cosine to 0.
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    # The projection head's and ArcFace centres' weight decay; null: weight_decay
+    # (4th place: 1e-3 for the tower, 1e-5 for the head).
+    weight_decay_head: Optional[float] = Field(None, ge=0.0)
     # The projection head's size (GUIE caps embeddings at 64) and its ArcFace loss.
     embedding_dim: int = Field(64, ge=2, le=64)
     arcface_scale: float = Field(30.0, gt=0.0)
     arcface_margin: float = Field(0.3, ge=0.0, lt=1.5)
+    # arcface: one margin (arcface_margin) for every class; dynamic_arcface (4th place, as
+    # `train` has it): each class's margin from margin_min (its most frequent training class)
+    # to margin_max (its rarest), linear in images^(-1/4).
+    loss: Literal["arcface", "dynamic_arcface"] = "arcface"
+    margin_min: float = Field(0.2, ge=0.0, lt=1.5)
+    margin_max: float = Field(0.45, ge=0.0, lt=1.5)
     # Added to the margin at each epoch after the first (2nd place raised its margin every
     # epoch): epoch k trains at arcface_margin + (k - 1) * margin_step.
     margin_step: float = Field(0.0, ge=0.0)
@@ -106,6 +129,18 @@ class FinetuneRun(_Section):
         if self.margin(self.epochs) >= 1.5:
             raise ValueError(f"margin_step = {self.margin_step} raises the margin to "
                              f"{self.margin(self.epochs):g} by epoch {self.epochs}: keep it < 1.5")
+        if self.loss == "dynamic_arcface" and self.margin_min > self.margin_max:
+            raise ValueError(f"margin_min = {self.margin_min} > margin_max = {self.margin_max}: "
+                             "the rarest class's margin must be the larger")
+        if self.head_optimizer != "adamw" and self.schedule != "head_then_backbone":
+            raise ValueError(f"head_optimizer = {self.head_optimizer!r} is for the head phase "
+                             f"of head_then_backbone; schedule = {self.schedule!r} has none")
+        if self.block_lrs:
+            if self.schedule != "layerwise":
+                raise ValueError(f"block_lrs is a layerwise schedule; schedule = "
+                                 f"{self.schedule!r}: leave it empty")
+            if list(self.block_lrs) != sorted(self.block_lrs):
+                raise ValueError(f"block_lrs {self.block_lrs}: give the bounds in rising order")
         return self
 
     def image_size(self, epoch: int, base: int) -> int:
@@ -113,8 +148,9 @@ class FinetuneRun(_Section):
         return self.image_sizes[epoch - 1] if self.image_sizes else base
 
     def margin(self, epoch: int) -> float:
-        """ArcFace's margin during epoch `epoch` (from 1)."""
-        return self.arcface_margin + (epoch - 1) * self.margin_step
+        """ArcFace's largest margin during epoch `epoch` (from 1)."""
+        top = self.margin_max if self.loss == "dynamic_arcface" else self.arcface_margin
+        return top + (epoch - 1) * self.margin_step
 
 
 def _optional(field) -> tuple[object, None]:
