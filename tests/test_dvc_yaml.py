@@ -1,4 +1,5 @@
-"""dvc.yaml stays honest: each stage depends on every project module its flow imports, and on its own params."""
+"""dvc.yaml stays honest: each stage depends on every project module its flow imports, and on
+its own params."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def project_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("flows", "tasks"):
+        if (isinstance(node, ast.ImportFrom) and node.module
+                and node.module.split(".")[0] in ("flows", "tasks")):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.split(".")[0] in ("flows", "tasks")]
@@ -37,13 +39,15 @@ def test_every_stage_depends_on_exactly_the_code_its_flow_imports():
     for name, stage in stages.items():
         body = stage.get("do", stage)
         flow = REPO / "flows" / f"{name}.py"
-        assert body["cmd"].startswith(f"python -m flows.{name}"), f"stage {name} must run flows.{name}"
+        assert body["cmd"].startswith(f"python -m flows.{name}"), (
+            f"stage {name} must run flows.{name}")
         needed = {p.relative_to(REPO).as_posix() for p in project_imports(flow) | {flow}}
         deps = {d if isinstance(d, str) else next(iter(d)) for d in body["deps"]}
         assert needed <= deps, f"stage {name} lacks deps {sorted(needed - deps)}"
         # and no module it never imports: an edit there would rerun the stage for nothing
         code = {d for d in deps if d.endswith(".py")}
-        assert code <= needed, f"stage {name} depends on modules it never imports: {sorted(code - needed)}"
+        assert code <= needed, (
+            f"stage {name} depends on modules it never imports: {sorted(code - needed)}")
 
 
 # Sections a stage reads besides its own: the variants (which backbones, from which stage
@@ -65,6 +69,25 @@ def test_every_stage_declares_exactly_the_params_sections_it_reads():
         sections = {p.split(".")[0] for p in body["params"]}
         expected = {name if name in params else own[name]} | ALSO_READS.get(name, set())
         assert sections == expected, name
+
+
+def test_a_stage_lists_every_setting_of_its_section_but_those_that_change_no_byte():
+    """shard, extract, train and evaluate rerun when a setting that changes their bytes
+    changes, and only then: each lists its section's settings one by one, all but the
+    class's SPEED_ONLY (processes, decoding workers, caches, memory budgets, query blocks;
+    each has a test that its outputs stay byte-equal)."""
+    from tasks.params.evaluate import EvaluateParams
+    from tasks.params.extract import ExtractParams
+    from tasks.params.shard import ShardParams
+    from tasks.params.train import TrainParams
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, cls in (("shard", ShardParams), ("extract", ExtractParams),
+                      ("train", TrainParams), ("evaluate", EvaluateParams)):
+        body = stages[name].get("do", stages[name])
+        listed = {p.split(".", 1)[1] for p in body["params"] if p.startswith(f"{name}.")}
+        assert listed == set(cls.model_fields) - cls.SPEED_ONLY, name
+        assert cls.SPEED_ONLY <= set(cls.model_fields), name
 
 
 # The stages that may depend on each section's params class and each artifact's schema

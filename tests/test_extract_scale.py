@@ -1,4 +1,5 @@
-"""Extraction at scale: the embedding cache, kill-and-resume, incremental runs, and a Dask cluster."""
+"""Extraction at scale: the embedding cache, kill-and-resume, incremental runs, and a Dask
+cluster."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from tasks.schemas.paths import SHARD_INDEX
 from tasks.shard import plan_shards, shard_index, write_shard
 
 
-def make_project(root: Path, tiny_backbone: Path, images: int, per_shard: int, first_image: int = 0) -> Path:
-    """data/00_models/tiny and data/03_shards with `images` distinct JPEGs, as the earlier stages leave them."""
+def make_project(root: Path, tiny_backbone: Path, images: int, per_shard: int,
+                 first_image: int = 0) -> Path:
+    """data/00_models/tiny and data/03_shards with `images` distinct JPEGs, as the earlier stages
+    leave them."""
     models = root / "data" / "00_models" / "tiny"
     if not models.exists():
         shutil.copytree(tiny_backbone, models)
@@ -35,8 +38,8 @@ def make_project(root: Path, tiny_backbone: Path, images: int, per_shard: int, f
     rows = []
     for i in range(first_image, first_image + images):
         (raw / "images" / f"{i}.jpg").write_bytes(jpeg_bytes(i, (48, 40)))
-        rows.append({"key": f"src-{i:04d}", "source": "src", "label": f"l{i % 5}", "class_id": i % 5,
-                     "path": f"images/{i}.jpg", "split": "train"})
+        rows.append({"key": f"src-{i:04d}", "source": "src", "label": f"l{i % 5}",
+                     "class_id": i % 5, "path": f"images/{i}.jpg", "split": "train"})
     shards = root / "data" / "03_shards"
     shutil.rmtree(shards, ignore_errors=True)
     plans = plan_shards(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), per_shard)
@@ -94,7 +97,8 @@ def test_rerun_and_raised_samples_embed_only_new_images(tmp_path, tiny_backbone,
     shutil.rmtree(root / "data" / "04_features")
     again = run_extract(root, monkeypatch)
     assert (again["embedded"], again["cached"]) == (0, 30)
-    assert all(np.array_equal(full[k][1], v[1]) and full[k][0] == v[0] for k, v in features(root).items())
+    assert all(np.array_equal(full[k][1], v[1]) and full[k][0] == v[0]
+               for k, v in features(root).items())
 
     # 10% more images (new shards layout, old images kept): exactly the new ones are embedded
     make_project(root, tiny_backbone, images=33, per_shard=8)
@@ -113,7 +117,8 @@ def test_cache_off_embeds_everything(tmp_path, tiny_backbone, monkeypatch):
 
 
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path, tiny_backbone, monkeypatch):
-    """SIGKILL mid-extraction, rerun: finished work comes from the cache, the result is identical."""
+    """SIGKILL mid-extraction, rerun: finished work comes from the cache, the result is
+    identical."""
     from prefect.settings import PREFECT_API_URL
 
     reference = make_project(tmp_path / "ref", tiny_backbone, images=160, per_shard=8)
@@ -126,7 +131,8 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path, tiny_backb
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    chunks = lambda: [p for p in (root / ".cache" / "embeddings").rglob("*.arrow") if not p.name.startswith(".")]
+    chunks = lambda: [p for p in (root / ".cache" / "embeddings").rglob("*.arrow")
+                      if not p.name.startswith(".")]
     deadline = time.monotonic() + 120
     while len(chunks()) < 6 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -147,7 +153,8 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(tmp_path, tiny_backb
 
 
 def test_dask_cluster_of_two_workers_gives_the_threads_result(tmp_path, tiny_backbone, monkeypatch):
-    """Shards mapped over a local 2-worker Dask cluster: same embeddings, one model load per worker."""
+    """Shards mapped over a local 2-worker Dask cluster: same embeddings, one model load per
+    worker."""
     from distributed import Client, LocalCluster
     from prefect.settings import PREFECT_API_URL
 
@@ -156,9 +163,11 @@ def test_dask_cluster_of_two_workers_gives_the_threads_result(tmp_path, tiny_bac
     root = make_project(tmp_path / "dask", tiny_backbone, images=40, per_shard=5)
     # worker processes report their task runs to the same Prefect API as this process
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        stats = run_extract(root, monkeypatch, runner="dask", dask_address=cluster.scheduler_address,
+        stats = run_extract(root, monkeypatch, runner="dask",
+                            dask_address=cluster.scheduler_address,
                             cache_dir=str(tmp_path / "dask-cache"))
         loads = client.run(lambda: len(__import__("tasks.extract", fromlist=["_workers"])._workers))
     assert (stats["images"], stats["embedded"]) == (40, 40)
@@ -167,9 +176,27 @@ def test_dask_cluster_of_two_workers_gives_the_threads_result(tmp_path, tiny_bac
     assert ref.keys() == got.keys() and len(got) == 8
     for name in ref:
         assert ref[name][0] == got[name][0]
-        assert np.allclose(ref[name][1], got[name][1], atol=1e-6), name
+        assert np.array_equal(ref[name][1], got[name][1]), name
 
 
 def test_dask_runner_needs_an_address():
     with pytest.raises(ValueError, match="dask_address"):
         ExtractParams(runner="dask")
+
+
+def test_speed_only_settings_write_the_same_bytes(tmp_path, tiny_backbone, monkeypatch):
+    """ExtractParams.SPEED_ONLY are no DVC params, so none may change a byte: decoding
+    processes, the cache (off, or flushed every few images), and shards embedded 3 at once
+    by the threads runner all give one run's feature files, bit for bit."""
+    root = make_project(tmp_path / "p", tiny_backbone, images=24, per_shard=5)
+    run_extract(root, monkeypatch, cache_dir="")
+    reference = {f.name: f.read_bytes()
+                 for f in sorted((root / "data" / "04_features" / "tiny").rglob("*.arrow"))}
+    assert len(reference) == 5
+    for change in ({"num_workers": 2}, {"threads": 3}, {"flush_every": 3},
+                   {"cache_dir": str(tmp_path / "cache"), "flush_every": 7}):
+        shutil.rmtree(root / "data" / "04_features")
+        run_extract(root, monkeypatch, **{"cache_dir": "", **change})
+        got = {f.name: f.read_bytes()
+               for f in sorted((root / "data" / "04_features" / "tiny").rglob("*.arrow"))}
+        assert got == reference, change

@@ -9,6 +9,10 @@ from tasks.params.base import _Section
 
 
 class EvaluateParams(_Section):
+    # Settings that change how fast the stage runs, never a byte it writes (tested: blocks of
+    # queries give the bits of one search): not DVC params of the stage.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"query_block"})
+
     k: int = Field(5, ge=1)
     # PCA output size of the zero-shot baselines; GUIE caps embeddings at 64.
     pca_dim: int = Field(64, ge=2, le=64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,14 @@ from tasks.params.base import _Section
 
 
 class ExtractParams(_Section):
+    # Settings that change how fast the stage runs, never a byte it writes (each tested:
+    # decoding processes, the cache and its flushes, the Prefect runner and its threads,
+    # the Dask cluster): not DVC params of the stage, so tuning them for another machine
+    # reruns nothing.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "num_workers", "cache_dir", "flush_every", "runner", "threads", "dask_address",
+        "dask_resources"})
+
     batch_size: int = Field(32, ge=1)
     # DataLoader worker processes decoding JPEGs ahead of the model; 0 = a
     # thread pool in-process between batches; auto = 0 on CPU, up to 8 on CUDA.
@@ -70,7 +78,8 @@ class ExtractParams(_Section):
     @model_validator(mode="after")
     def _dask_needs_address(self) -> "ExtractParams":
         if self.runner == "dask" and not self.dask_address:
-            raise ValueError("extract.runner = 'dask' needs extract.dask_address, e.g. 'tcp://scheduler:8786'")
+            raise ValueError("extract.runner = 'dask' needs extract.dask_address, "
+                             "e.g. 'tcp://scheduler:8786'")
         if self.runner == "dask" and isinstance(self.device, list):
             raise ValueError("extract.runner = 'dask' takes one device name: each Dask worker "
                              "is one device (start one worker per GPU; README, extract)")

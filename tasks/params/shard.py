@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field
 
@@ -10,6 +10,10 @@ from tasks.params.base import _Section
 
 
 class ShardParams(_Section):
+    # Settings that change how fast the stage runs, never a byte it writes (each tested):
+    # not DVC params of the stage, so tuning them for another machine reruns nothing.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"processes"})
+
     # Samples per tar; ~1000 is the WebDataset sweet spot for real data.
     max_samples: int = Field(1000, ge=1)
     # Longer side after shard-time downscaling; backbones see <= 336 px anyway.
