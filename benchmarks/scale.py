@@ -223,6 +223,11 @@ def report(fixed: dict, results: dict[int, dict]) -> dict:
                                          / max(before["marginal_ms_per_image"], 1e-9), 2),
             "ms_per_image_ratio": round(high["ms_per_image"] / max(low["ms_per_image"], 1e-9), 2),
             "rss_growth_mib": round(high["peak_rss_mib"] - fixed[stage]["peak_rss_mib"], 1)}
+        # The bar: per-image cost within 1.5x from the smallest size to the largest,
+        # raw, and (stricter, the fixed cost taken out) marginal between the two largest.
+        stages[stage]["within_1_5x"] = {
+            "raw": stages[stage]["ms_per_image_ratio"] <= 1.5,
+            "marginal": stages[stage]["marginal_cost_ratio"] <= 1.5}
     return {"per_class": PER_CLASS, "fixed_n": FIXED_N, "cpu_count": os.cpu_count(),
             "features_mib": {n: round(n * DIM * 4 / 2**20, 2) for n in sizes}, "stages": stages}
 

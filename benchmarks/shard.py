@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--plan-rows", type=int, default=1_000_000)
     args = ap.parse_args()
+    if args.processes < 2:
+        ap.error("--processes must be at least 2: the benchmark compares it with 1 process")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
