@@ -4,11 +4,13 @@ entries did, and write the result as a new variant in the layout the `models` st
 The training classes' train-split images (from the shards, preprocessed by the variant's
 own Preprocess, as extraction sees them) go through the tower, L2-normalised as `train`
 normalises features, into Linear(D, 64) + L2 and ArcFace. Which parts of the tower train
-and at which lr is the schedule's (tasks/finetune_blocks.py). On the CPU a run is
-deterministic (seeded, fixed threads, deterministic kernels); each epoch ends with a
-checkpoint (tasks/finetune_state.py), and a rerun resumes from it with the same bytes as a
-run never interrupted. The output folder loads through `open_clip`'s `local-dir:` and
-`tasks.backbone.load_backbone`, so extract, train, evaluate and export use it unchanged.
+and at which lr is the schedule's (tasks/finetune_blocks.py), the optimizer steps
+tasks/finetune_steps.py's. On the CPU a run is deterministic (seeded, fixed threads,
+deterministic kernels); each epoch ends with a checkpoint (tasks/finetune_state.py), and
+with `checkpoint_steps` every so many steps inside one too, and a rerun resumes from the
+last with the same bytes as a run never interrupted. The output folder loads through
+`open_clip`'s `local-dir:` and `tasks.backbone.load_backbone`, so extract, train, evaluate
+and export use it unchanged.
 """
 
 from __future__ import annotations
@@ -16,30 +18,28 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from tasks.backbone import CONFIG_NAME, load_backbone, save_variant
 from tasks.decode import decode_pool, release_pool
-from tasks.finetune_blocks import HEAD, check_block_lrs, configure, phase_of, phases, tower_parts
+from tasks.finetune_blocks import check_block_lrs, phase_of, tower_parts
 from tasks.finetune_resolution import check_resizable, config_at, set_image_size
 from tasks.finetune_state import (cache_key, effective_precision, load_checkpoint, restore_rng,
                                   rng_state, run_folder, save_checkpoint, training_images)
+from tasks.finetune_steps import Trainer
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, EmbeddingHead, dynamic_margins
 from tasks.params.finetune import FinetuneRun
 from tasks.preprocess import Preprocess, decode_rgb
 from tasks.schemas.io import atomic_path, write_json
 from tasks.schemas.paths import MANIFEST, SHARDS_DIR
 from tasks.schemas.shards import Jpegs, SampleRef
-from tasks.schedules import deterministic, warmup_cosine
+from tasks.schedules import deterministic
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -63,90 +63,6 @@ class FinetuneResult:
     checkpoints: Path  # the run's checkpoint folder (removed once the output is written)
     device: str  # where it trained: cpu | cuda
     precision: str  # what the tower computed in (fp32 on the CPU whatever `precision` says)
-
-
-def make_optimizer(model: nn.Module, heads: list[nn.Module], run: FinetuneRun,
-                   phase: str) -> torch.optim.Optimizer:
-    """The optimizer of what trains in `phase`, one param group per tower part (named, at the
-    schedule's lr) and one for the heads; everything else frozen (`configure`).
-
-    AdamW, but SGD with momentum in head_then_backbone's head phase when `head_optimizer`
-    says so (1st place). The heads' group takes `weight_decay_head` where it is given.
-    """
-    groups = configure(model, tower_parts(model.visual), heads, run, phase)
-    if run.weight_decay_head is not None:
-        for group in groups:
-            if group["name"] == "head":
-                group["weight_decay"] = run.weight_decay_head
-    if phase == HEAD and run.head_optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=run.lr_head, momentum=run.momentum,
-                               weight_decay=run.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=run.weight_decay)
-
-
-class _Trainer:
-    """One phase's optimizer, schedule and gradient scaler, and one epoch of steps."""
-
-    def __init__(self, model: nn.Module, head: EmbeddingHead, arc: ArcFace, run: FinetuneRun,
-                 phase: str, steps_per_epoch: int, device: torch.device):
-        self.model, self.head, self.arc, self.run, self.phase = model, head, arc, run, phase
-        self.opt = make_optimizer(model, [head, arc], run, phase)
-        total = steps_per_epoch * dict(phases(run))[phase]
-        self.sched = LambdaLR(self.opt, warmup_cosine(total, int(run.warmup_fraction * total)))
-        cuda = device.type == "cuda"
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.precision)
-        self.autocast = (torch.autocast("cuda", dtype=self.dtype)
-                         if cuda and self.dtype is not None else nullcontext())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.precision == "fp16")
-        self.device = device
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """ArcFace loss of a batch: the tower under autocast, head and loss in fp32 (ArcFace
-        scales cosines by ~30, where half precision's rounding is the size of the margin)."""
-        with self.autocast:
-            feats = self.model.encode_image(images.to(self.device, non_blocking=True))
-        emb = self.head(F.normalize(feats.float(), dim=-1))
-        return self.arc(emb, labels.to(self.device))
-
-    def epoch(self, groups: list[list[torch.Tensor]],
-              batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step per group of `accumulate` batches (rows of the training set;
-        `batches` yields each one's images and labels, in the groups' order); returns the
-        mean loss.
-
-        Each batch's loss is weighted by its share of its group's images, so the summed
-        gradients are those of one batch of the whole group (a short last group too), as far
-        as the tower has no layer that mixes a batch's rows: BatchNorm in train mode
-        normalises each batch by its own statistics, so with `batchnorm: train` the sum is
-        `accumulate` smaller batches' gradients, not one large batch's.
-
-        With fp16 the gradient scaler skips a step whose gradients overflowed (and lowers its
-        scale); the schedule then does not advance either, so no warm-up step is spent on
-        an update that never happened.
-        """
-        total_loss, images = 0.0, 0
-        for group in groups:
-            size = sum(len(idx) for idx in group)
-            for idx in group:
-                loss = self.loss(*next(batches))
-                self.scaler.scale(loss * (len(idx) / size)).backward()
-                total_loss, images = total_loss + loss.item() * len(idx), images + len(idx)
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
-            if scale is None or self.scaler.get_scale() >= scale:
-                self.sched.step()
-        return total_loss / max(images, 1)
 
 
 def epoch_groups(images: int, run: FinetuneRun,
@@ -246,9 +162,13 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     generator = torch.Generator().manual_seed(run.seed)
     history: list[dict[str, Any]] = []
     state = load_checkpoint(cache)
+    partial = None  # where a checkpoint taken inside an epoch left it
     if state is not None:
-        if history_size := state["history"][-1].get("image_size"):
-            size = history_size
+        partial = state.get("partial")
+        saved_size = (partial["image_size"] if partial
+                      else state["history"][-1].get("image_size"))
+        if saved_size:
+            size = saved_size
             set_image_size(model, size)  # the checkpoint's grid, before its values load
             preprocess = Preprocess.from_cfg(model.visual.preprocess_cfg)
         model.visual.load_state_dict(state["visual"])
@@ -261,7 +181,7 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
     for epoch in range(len(history) + 1, run.epochs + 1):
         phase = phase_of(run, epoch)
         if trainer is None or trainer.phase != phase:
-            trainer = _Trainer(model, head, arc, run, phase, steps, device)
+            trainer = Trainer(model, head, arc, run, phase, steps, device)
             if resume is not None and resume["phase"] == phase:
                 trainer.load_state_dict(resume)
             resume = None
@@ -272,22 +192,45 @@ def _finetune(run: FinetuneRun, name: str, base_dir: Path, device: torch.device,
             set_image_size(model, size, trainer.opt)  # and the tower's preprocess_cfg
             preprocess = Preprocess.from_cfg(model.visual.preprocess_cfg)
         arc.margins.copy_(margins + (epoch - 1) * run.margin_step)
+        if partial is not None:  # this epoch's order again, as drawn when it began
+            generator.set_state(partial["order"])
+        order = generator.get_state()
         groups = list(epoch_groups(len(samples), run, generator))
-        batches = epoch_batches(samples, labels, [idx for group in groups for idx in group],
+        done = (partial["steps"], partial["loss"], partial["images"]) if partial else (0, 0.0, 0)
+        partial = None
+        batches = epoch_batches(samples, labels,
+                                [idx for group in groups[done[0]:] for idx in group],
                                 preprocess, run.workers, pin=device.type == "cuda")
-        loss = trainer.epoch(groups, batches)
+
+        def inside(step: int, loss_sum: float, seen: int) -> None:
+            if run.checkpoint_steps and step % run.checkpoint_steps == 0 and step < len(groups):
+                save_checkpoint(cache, _checkpoint(model, head, arc, trainer, generator, history, {
+                    "epoch": epoch, "steps": step, "loss": loss_sum, "images": seen,
+                    "order": order, "image_size": size}))
+
+        loss = trainer.epoch(groups, batches, done, inside)
         lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
         history.append({"epoch": epoch, "phase": phase, "loss": loss, "images": len(samples),
                         "classes": len(classes), "lr": lrs, "margin": run.margin(epoch),
                         "image_size": size})
-        save_checkpoint(cache, {
-            "visual": model.visual.state_dict(), "head": head.state_dict(),
-            "arc": arc.state_dict(), "trainer": trainer.state_dict(),
-            "rng": rng_state(generator), "history": history})
+        save_checkpoint(cache, _checkpoint(model, head, arc, trainer, generator, history))
         if progress:
             progress(history[-1])
     return FinetuneResult(model.eval().cpu(), head.eval().cpu(), history, cache, device.type,
                           effective_precision(run, device))
+
+
+def _checkpoint(model: nn.Module, head: nn.Module, arc: nn.Module, trainer: Trainer,
+                generator: torch.Generator, history: list[dict[str, Any]],
+                partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: the tower, head, ArcFace, optimizer, schedule, scaler, every
+    random state and the finished epochs' history; taken inside an epoch, also `partial`:
+    that epoch, its steps done, their loss sum and images, the order generator's state
+    when the epoch began (to draw its order again) and the input size."""
+    state = {"visual": model.visual.state_dict(), "head": head.state_dict(),
+             "arc": arc.state_dict(), "trainer": trainer.state_dict(),
+             "rng": rng_state(generator), "history": history}
+    return {**state, "partial": partial} if partial else state
 
 
 def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name: str,
@@ -308,7 +251,7 @@ def write_variant(out_dir: Path, result: FinetuneResult, run: FinetuneRun, name:
     source = {"model_name": base["model_name"],
               "pretrained": f"{base['pretrained']}+finetune:{name}",
               "base_variant": base_dir.name, "base_checkpoint_sha256": base["checkpoint_sha256"],
-              "schedule": run.schedule, "params": run.model_dump(exclude={"cache_dir"}),
+              "schedule": run.schedule, "params": run.model_dump(exclude=set(run.SPEED_ONLY)),
               "run": name, "device": result.device, "precision_used": result.precision,
               "epochs_done": len(history), "loss": [row["loss"] for row in history],
               "history": history}

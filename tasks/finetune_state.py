@@ -58,7 +58,7 @@ def cache_key(run: FinetuneRun, base_dir: Path, samples: list[SampleRef],
     digest = hashlib.sha256()
     shards = {shards_dir / e["url"]: e["sha256"] for e in read_index(shards_dir)["shardlist"]}
     used = sorted({s.shard for s in samples})
-    settings = {"version": STATE_VERSION, "run": run.model_dump(exclude={"cache_dir", "workers"}),
+    settings = {"version": STATE_VERSION, "run": run.model_dump(exclude=set(run.SPEED_ONLY)),
                 "device": device.type, "precision": effective_precision(run, device),
                 "base_config": json.loads((base_dir / CONFIG_NAME).read_text()),
                 "base_weights": json.loads((base_dir / "model.json").read_text())
@@ -96,7 +96,8 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    """Write the state after an epoch, atomically: a kill mid-write leaves the previous one."""
+    """Write the state after an epoch (or, with `partial`, after a step inside one),
+    atomically: a kill mid-write leaves the previous one."""
     with atomic_path(folder / CHECKPOINT) as tmp:
         torch.save({"version": STATE_VERSION, **state}, tmp)
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from tasks.backbone import CONFIG_NAME, WEIGHTS_NAME, load_backbone
-from tasks.finetune import finetune, make_optimizer
+from tasks.finetune import finetune
+from tasks.finetune_steps import make_optimizer
 from tasks.finetune_blocks import tower_parts
 from tasks.finetune_state import load_checkpoint
 from tasks.heads import ArcFace, EmbeddingHead, load_head

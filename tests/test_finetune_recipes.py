@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from tasks.backbone import load_backbone
-from tasks.finetune import _Trainer, class_margins, make_optimizer
+from tasks.finetune import class_margins
+from tasks.finetune_steps import Trainer, make_optimizer
 from tasks.finetune_blocks import check_block_lrs, tower_parts
 from tasks.finetune_state import load_checkpoint
 from tasks.heads import ArcFace, EmbeddingHead, dynamic_margins
@@ -135,7 +136,7 @@ def test_a_step_the_scaler_skips_does_not_advance_the_schedule(world):  # noqa: 
     model, _, _ = load_backbone(world["vit"])
     head, arc = EmbeddingHead(16, 64), ArcFace(64, 4)
     run = FinetuneRun(schedule="end_to_end", batch_size=2, warmup_fraction=0.5, device="cpu")
-    trainer = _Trainer(model, head, arc, run, "all", steps_per_epoch=4,
+    trainer = Trainer(model, head, arc, run, "all", steps_per_epoch=4,
                        device=torch.device("cpu"))
     trainer.scaler = _SkippingScaler(skip={1, 2})
     images = torch.rand(2, 3, 32, 32)
@@ -143,3 +144,63 @@ def test_a_step_the_scaler_skips_does_not_advance_the_schedule(world):  # noqa: 
     batches = iter([(images, torch.tensor([0, 1]))] * 4)
     trainer.epoch(groups, batches)
     assert trainer.sched.last_epoch == 2  # 4 steps, 2 of them skipped
+
+
+KILLED_INSIDE = """
+import json, os, signal, sys
+from pathlib import Path
+import tasks.finetune as ft
+from tasks.params.finetune import FinetuneRun
+a = json.loads(sys.argv[1])
+save = ft.save_checkpoint
+def save_then_die(folder, state):  # die as the OOM killer would, once a chosen one is down
+    save(folder, state)
+    part = state.get("partial")
+    if part and (part["epoch"], part["steps"]) == tuple(a["kill_at"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+ft.save_checkpoint = save_then_die
+ft.finetune(FinetuneRun(**a["run"]), "ft", Path(a["base"]), Path(a["out"]),
+            manifest=Path(a["manifest"]), shards_dir=Path(a["shards"]))
+"""
+
+
+@pytest.mark.parametrize("kill_at, sizes", [((1, 2), []), ((2, 4), [32, 48])])
+def test_a_run_killed_inside_an_epoch_resumes_at_its_step_to_the_same_bytes(
+        world, tmp_path, monkeypatch, kill_at, sizes):  # noqa: F811
+    """checkpoint_steps 2: SIGKILL right after the checkpoint at step 2 of epoch 1 (or 4 of
+    epoch 2, the one that raises the input size); the rerun decodes only the images of the
+    steps not done and ends with the uninterrupted run's bytes, model.json included
+    (checkpoint_steps, speed only, is not in it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import tasks.finetune as ft
+    from conftest import REPO
+    from tasks.backbone import WEIGHTS_NAME
+    from test_finetune import run_params
+
+    changes = {"schedule": "end_to_end", "epochs": 2, "batch_size": 4, "workers": 0,
+               "image_sizes": sizes}
+    tune(world, tmp_path / "a", **changes)
+    run = run_params(tmp_path / "b", checkpoint_steps=2, **changes)
+    args = {"run": run.model_dump(), "base": str(world["vit"]), "kill_at": kill_at,
+            "out": str(tmp_path / "b" / "out"), "manifest": str(world["manifest"]),
+            "shards": str(world["shards"])}
+    done = subprocess.run([sys.executable, "-c", KILLED_INSIDE, json.dumps(args)],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-3000:]
+    state = checkpoint(tmp_path / "b")
+    assert (state["partial"]["epoch"], state["partial"]["steps"]) == kill_at
+    decoded = []
+    decode = ft.decode_rgb
+    monkeypatch.setattr(ft, "decode_rgb", lambda data: decoded.append(1) or decode(data))
+    ft.finetune(run, "ft", world["vit"], tmp_path / "b" / "out", manifest=world["manifest"],
+                shards_dir=world["shards"])
+    epoch, steps = kill_at
+    assert len(decoded) == (2 - epoch + 1) * 24 - steps * 4  # 24 train images, 6 steps an epoch
+    for name in (WEIGHTS_NAME, "head.safetensors", "model.json", "open_clip_config.json"):
+        a = (tmp_path / "a" / "out" / name).read_bytes()
+        assert a == (tmp_path / "b" / "out" / name).read_bytes(), name

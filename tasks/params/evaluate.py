@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import faiss
 from pydantic import Field, field_validator, model_validator
 

@@ -35,9 +35,11 @@ SCHEDULES = ("head_then_backbone", "end_to_end", "layerwise", "last_blocks")
 class FinetuneRun(_Section):
     """One fine-tuning run, fully resolved: what `tasks.finetune` trains with."""
 
-    # Where checkpoints wait and how many processes decode: the trained bytes are the same
-    # (tested), so they are not DVC params of finetune@<run>.
-    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "workers"})
+    # Where checkpoints wait, how often and how many processes decode: the trained bytes
+    # are the same (tested), so they are not DVC params of finetune@<run>, nor in its
+    # checkpoints' key or model.json.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"cache_dir", "workers",
+                                                      "checkpoint_steps"})
 
     # The backbone variant to start from (a key of `models`); the run's output is a new
     # variant folder beside it, in the same layout.
@@ -117,6 +119,10 @@ class FinetuneRun(_Section):
     # Per-epoch checkpoints, outside DVC's outputs (DVC deletes those before a stage runs),
     # in a folder per run keyed by its settings and inputs; deleted when the run finishes.
     cache_dir: str = ".cache/finetune"
+    # Also a checkpoint every this many optimizer steps within an epoch (0: after each epoch
+    # only): a one-epoch ViT-H run loses at most this many steps to a kill, not the epoch.
+    # A ViT-H checkpoint (weights and AdamW moments) is ~7.5 GB, so not every step.
+    checkpoint_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _phases(self) -> "FinetuneRun":
