@@ -93,9 +93,10 @@ class ArcFace(nn.Module):
     (torch's seeded generator). Only the drawn classes' centres get a gradient, and
     it is a sparse one (their rows alone), so an optimizer for sparse gradients
     (`torch.optim.SparseAdam`, as `train` uses) updates those rows and their moments
-    and leaves the others as they are, as Partial FC's reference code does: a step
-    then costs the same with 1,000 classes or 100,000. 0, or as many as there are
-    classes, is the whole softmax, with a dense gradient.
+    and leaves the others as they are (Partial FC's reference code, too, updates only
+    the sampled centres and their momentum): a step then costs about the same with
+    1,000 classes or 100,000. 0, or as many as there are classes, is the whole
+    softmax, with a dense gradient.
     """
 
     def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3,

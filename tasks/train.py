@@ -146,13 +146,23 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
                    sample_classes=params.class_sample)
 
 
+def amp_context(device: torch.device, amp: str):
+    """The head's forward pass under bf16 autocast on CUDA with `amp: bf16`; else fp32."""
+    if device.type == "cuda" and amp == "bf16":
+        return torch.autocast("cuda", torch.bfloat16)
+    return nullcontext()
+
+
 def make_optimizers(head: nn.Module, arc: ArcFace,
                     params: TrainParams) -> list[torch.optim.Optimizer]:
     """Adam or AdamW over the head and the ArcFace centres; with Partial FC, SparseAdam for
     the centres instead: their gradient is sparse (the drawn classes' rows) and SparseAdam
     updates only those rows and their moments, so a step's cost stays off the class count
     (a dense optimizer would step every centre, its moments carrying the undrawn ones).
-    SparseAdam has no weight decay, so the centres then take none."""
+    SparseAdam has no weight decay, so the centres then take none (`weight_decay` still
+    applies to the head); and, as any lazy Adam, it corrects its moments' bias by the
+    tensor's step count, so a centre drawn for the first time late in a run moves by
+    about 3 lr (Adam's first step moves by lr)."""
     optimizer = torch.optim.Adam if params.optimizer == "adam" else torch.optim.AdamW
     dense = list(head.parameters()) + ([] if arc.samples else list(arc.parameters()))
     opts: list[torch.optim.Optimizer] = [
@@ -206,8 +216,7 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
     head = build_head(params.head, dim, params.embedding_dim, params.dropout,
                       params.branches).to(device)
     arc = make_loss(params, classes, class_images).to(device)
-    autocast = (torch.autocast("cuda", torch.bfloat16)
-                if device.type == "cuda" and params.amp == "bf16" else nullcontext())
+    autocast = amp_context(device, params.amp)
     opts = make_optimizers(head, arc, params)
     steps_per_epoch = -(-n // params.batch_size)
     total = steps_per_epoch * params.epochs
@@ -233,7 +242,9 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
             labels = y[idx.to(device)]
             with autocast:
                 emb = head(rows(idx))
-                loss, nearest = arc.loss_and_predictions(emb, labels)
+            # ArcFace in fp32 (its margin is written into the cosines, whose dtype must
+            # match; and bf16 would round the scaled logits by the margin's size)
+            loss, nearest = arc.loss_and_predictions(emb.float(), labels)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -248,7 +259,14 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
                 losses.append(loss.item())
                 correct += hits.item()
         selection = _validation_classes_score(head, validation, device)
-        monitored = epoch % params.monitor_every == 0 or epoch == params.epochs
+        stopping = params.early_stopping_patience and not math.isnan(selection)
+        improves = bool(stopping and selection > best)
+        stops = bool(stopping and not improves
+                     and since_best + 1 >= params.early_stopping_patience)
+        # every monitor_every-th epoch, the last, and every epoch early stopping may keep
+        # or stops at: the kept epoch's scores are reported, and must have been measured
+        monitored = (epoch % params.monitor_every == 0 or epoch == params.epochs or improves
+                     or stops)
         monitor = (_val_scores(head, arc, train, rows, xv, yv, val.class_ids[known], device)
                    if monitored else dict.fromkeys(("val_acc", "val_loss", "val_mP@5"), math.nan))
         history.append({"epoch": epoch,
@@ -257,8 +275,8 @@ def _train(train: SplitFeatures | MappedFeatures, val: SplitFeatures, params: Tr
                         **monitor,
                         "validation_classes_mP@5": selection,
                         "lr": scheds[0].get_last_lr()[0]})
-        if params.early_stopping_patience and not math.isnan(selection):
-            if selection > best:
+        if stopping:
+            if improves:
                 best, best_state, best_epoch, since_best = (
                     selection, copy.deepcopy(head.state_dict()), epoch, 0)
             else:

@@ -6,7 +6,8 @@ stopping's searches, whose bytes the committed metrics hold. On a GPU two things
 
 - the train split goes to GPU memory whole only when it takes at most `GPU_SHARE` of the
   memory free there (a split that fits the host's RAM can still exceed a 16-24 GB card);
-  otherwise it stays on the host, pinned, and each batch is copied over as it is needed;
+  otherwise it stays on the host and each batch is gathered there and copied over as it is
+  needed (not pinned: pinning the split would copy it, twice the host memory);
 - the searches run on the GPU too (`knn_ids`: exact squared-L2 distances and top-k in
   blocks of queries sized to a memory budget), with the head's embeddings of the train
   split made from the same rows training reads, so no epoch copies the split again.
@@ -47,20 +48,20 @@ def fits_on_gpu(nbytes: int, device: torch.device, share: float = GPU_SHARE) -> 
 
 def batch_rows(train: SplitFeatures | MappedFeatures, device: torch.device) -> Rows:
     """`rows(index) -> tensor on device`: from one tensor in RAM (on a GPU, moved there whole
-    if it fits, else kept on the host, pinned, a batch copied at a time), or read from the
+    if it fits, else kept on the host, a batch copied at a time), or read from the
     memory-mapped shards and normalised per batch; the same values every way."""
     if isinstance(train, MappedFeatures):
         return lambda idx: torch.from_numpy(train.rows(idx.numpy())).to(device, non_blocking=True)
     x = torch.from_numpy(train.embeddings)
     if device.type == "cuda" and not fits_on_gpu(x.nbytes, device):
-        return host_rows(x.pin_memory(), device)
+        return host_rows(x, device)
     x = x.to(device)
     return lambda idx: x[idx.to(device)]
 
 
 def host_rows(x: torch.Tensor, device: torch.device) -> Rows:
-    """Rows gathered on the host, then copied to `device` (asynchronously from pinned memory)."""
-    return lambda idx: x[idx.cpu()].to(device, non_blocking=True)
+    """Rows gathered on the host, then copied to `device`."""
+    return lambda idx: x[idx.cpu()].to(device)
 
 
 def embed_rows(head: nn.Module, rows: Rows, count: int, device: torch.device) -> torch.Tensor:

@@ -82,12 +82,16 @@ def test_a_stage_lists_every_setting_of_its_section_but_those_that_change_no_byt
     from tasks.params.train import TrainParams
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, cls in (("shard", ShardParams), ("extract", ExtractParams),
-                      ("train", TrainParams), ("evaluate", EvaluateParams)):
-        body = stages[name].get("do", stages[name])
-        listed = {p.split(".", 1)[1] for p in body["params"] if p.startswith(f"{name}.")}
-        assert listed == set(cls.model_fields) - cls.SPEED_ONLY, name
-        assert cls.SPEED_ONLY <= set(cls.model_fields), name
+    for stage, section, cls in (("shard", "shard", ShardParams),
+                                ("extract", "extract", ExtractParams),
+                                ("train", "train", TrainParams),
+                                ("evaluate", "evaluate", EvaluateParams),
+                                ("sweep", "train", TrainParams),
+                                ("sweep", "evaluate", EvaluateParams)):
+        body = stages[stage].get("do", stages[stage])
+        listed = {p.split(".", 1)[1] for p in body["params"] if p.startswith(f"{section}.")}
+        assert listed == set(cls.model_fields) - cls.SPEED_ONLY, (stage, section)
+        assert cls.SPEED_ONLY <= set(cls.model_fields), section
 
 
 # The stages that may depend on each section's params class and each artifact's schema

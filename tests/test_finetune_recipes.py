@@ -164,13 +164,17 @@ ft.finetune(FinetuneRun(**a["run"]), "ft", Path(a["base"]), Path(a["out"]),
 """
 
 
-@pytest.mark.parametrize("kill_at, sizes", [((1, 2), []), ((2, 4), [32, 48])])
+@pytest.mark.parametrize("kill_at, changes", [
+    ((1, 2), {}),
+    ((2, 4), {"image_sizes": [32, 48]}),
+    ((2, 2), {"schedule": "head_then_backbone", "head_epochs": 1, "accumulate": 2})])
 def test_a_run_killed_inside_an_epoch_resumes_at_its_step_to_the_same_bytes(
-        world, tmp_path, monkeypatch, kill_at, sizes):  # noqa: F811
-    """checkpoint_steps 2: SIGKILL right after the checkpoint at step 2 of epoch 1 (or 4 of
-    epoch 2, the one that raises the input size); the rerun decodes only the images of the
-    steps not done and ends with the uninterrupted run's bytes, model.json included
-    (checkpoint_steps, speed only, is not in it)."""
+        world, tmp_path, monkeypatch, kill_at, changes):  # noqa: F811
+    """checkpoint_steps 2: SIGKILL right after the checkpoint at step 2 of epoch 1, at step 4
+    of epoch 2 that raises the input size, or at step 2 of head_then_backbone's backbone
+    phase with 2 batches a step; the rerun decodes only the images of the steps not done
+    and ends with the uninterrupted run's bytes, model.json included (checkpoint_steps,
+    speed only, is not in it)."""
     import json
     import os
     import subprocess
@@ -181,8 +185,7 @@ def test_a_run_killed_inside_an_epoch_resumes_at_its_step_to_the_same_bytes(
     from tasks.backbone import WEIGHTS_NAME
     from test_finetune import run_params
 
-    changes = {"schedule": "end_to_end", "epochs": 2, "batch_size": 4, "workers": 0,
-               "image_sizes": sizes}
+    changes = {"schedule": "end_to_end", "epochs": 2, "batch_size": 4, "workers": 0, **changes}
     tune(world, tmp_path / "a", **changes)
     run = run_params(tmp_path / "b", checkpoint_steps=2, **changes)
     args = {"run": run.model_dump(), "base": str(world["vit"]), "kill_at": kill_at,
@@ -200,7 +203,8 @@ def test_a_run_killed_inside_an_epoch_resumes_at_its_step_to_the_same_bytes(
     ft.finetune(run, "ft", world["vit"], tmp_path / "b" / "out", manifest=world["manifest"],
                 shards_dir=world["shards"])
     epoch, steps = kill_at
-    assert len(decoded) == (2 - epoch + 1) * 24 - steps * 4  # 24 train images, 6 steps an epoch
+    per_step = 4 * run.accumulate  # 24 train images an epoch
+    assert len(decoded) == (2 - epoch + 1) * 24 - steps * per_step
     for name in (WEIGHTS_NAME, "head.safetensors", "model.json", "open_clip_config.json"):
         a = (tmp_path / "a" / "out" / name).read_bytes()
         assert a == (tmp_path / "b" / "out" / name).read_bytes(), name

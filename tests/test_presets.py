@@ -82,13 +82,17 @@ def test_competition_recipes_match_the_write_ups():
         "linear", 10, 64)
 
 
+def lrs_of_blocks(lrs: dict[str, float]) -> list[float]:
+    return [lrs[f"block.{i}"] for i in range(sum(k.startswith("block.") for k in lrs))]
+
+
 def test_seed004_matches_its_notebook():
     """train_vit_h_224.ipynb and utilities.py of IvanAer/G-Universal-CLIP (4th place), value
     by value: its CFG (lrs by block, decays, batch, accumulation, epochs, margins, scale),
     its sub-center ArcFace (k=3) and its 9,691 classes of GLDv2-2020 and of Products-10K."""
     import open_clip
 
-    from tasks.finetune_blocks import TowerParts, check_block_lrs, part_lrs
+    from tasks.finetune_blocks import check_block_lrs, part_lrs, tower_parts
     from tasks.heads import dynamic_margins
 
     p = parse_params(preset_params("finetune_vit_h14_seed004", BASE))
@@ -100,7 +104,7 @@ def test_seed004_matches_its_notebook():
         "landmarks": "kaggle://competitions/landmark-recognition-2020",
         "products10k": "/datasets/products10k"}
     s = p.sample
-    assert (s.samples, s.min_images, s.pick) == (50, 4, {})
+    assert (s.samples, s.min_images, s.pick, s.val_fraction) == (50, 4, {}, 0.0)
     for n in s.num_classes.values():  # about 9,691 a source left to train on
         assert abs(n * (1 - s.eval_fraction) - 9691) < 1
     runs = [p.finetune.run(name) for name in p.finetune.runs]
@@ -112,14 +116,33 @@ def test_seed004_matches_its_notebook():
     assert (r.loss, r.margin_min, r.margin_max, r.arcface_scale, r.subcenters) == (
         "dynamic_arcface", 0.05, 0.5, 30.0, 3)
     assert abs(r.warmup_fraction - 1000 / 8930) < 1e-3  # 1,000 warm-up steps of 8,930
-    blocks = tuple(f"transformer.resblocks.{i}" for i in range(32))
-    parts = TowerParts("vit", ("conv1",), blocks, ("ln_post", "proj"))
+    # open_clip's own ViT tower with ViT-H-14's 32 blocks (narrow, so it builds at once):
+    # every parameter's lr as the optimizer gets it
+    from open_clip.transformer import VisionTransformer
+    from torch import nn
+
+    from tasks.finetune_steps import make_optimizer
+    from tasks.heads import ArcFace, EmbeddingHead
+
+    model = nn.Module()
+    model.visual = VisionTransformer(image_size=28, patch_size=14, width=16, layers=32, heads=1,
+                                     mlp_ratio=1.0, output_dim=8)
+    model.transformer = nn.Linear(1, 1)  # a text tower, which never trains
+    parts = tower_parts(model.visual)
     check_block_lrs(parts, r)
-    lrs = part_lrs(parts, r, "all")
+    opt = make_optimizer(model, [EmbeddingHead(8, 64), ArcFace(64, 4)], r, "all")
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     notebook = {"10": 1.25e-6, "20": 2.5e-6, "26": 5e-6, "32": 10e-6}  # CFG.vit_bb_lr
-    for i in range(32):
-        assert lrs[f"block.{i}"] == next(v for k, v in notebook.items() if i < int(k))
-    assert (lrs["stem"], lrs["top"]) == (1.25e-6, 1e-5)
+    for name, param in model.visual.named_parameters():
+        block = name.split(".")[2] if name.startswith("transformer.resblocks.") else None
+        if block is not None:
+            want = next(v for k, v in notebook.items() if int(block) < int(k))
+        else:  # stem at the first step (as its loop gave them), the top at the last
+            want = 1e-5 if name.startswith(("ln_post", "proj")) else 1.25e-6
+        assert lr_of[id(param)] == want, name
+    assert {g["lr"] for g in opt.param_groups if g["name"] == "head"} == {3e-4}
+    assert lrs_of_blocks(part_lrs(parts, r, "all")) == [
+        next(v for k, v in notebook.items() if i < int(k)) for i in range(32)]
     # Its margins: tmp = sqrt(1 / sqrt(counts)), min-max scaled into [0, 0.45], + 0.05.
     counts = [50, 50, 12, 4, 31]
     tmp = [c ** -0.25 for c in counts]

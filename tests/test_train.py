@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import clusters
-from tasks.features import MappedFeatures, SplitFeatures, load_concat, load_or_map, map_concat
+from tasks.features import (GroupData, MappedFeatures, SplitFeatures, load_concat, load_or_map,
+                            map_concat)
 from tasks.params.train import TrainParams
 from tasks.schemas.features import write_features
 from tasks.train import resolve_device, save_head, train_head
@@ -235,3 +236,53 @@ def test_the_monitor_runs_every_nth_epoch_and_the_last_and_changes_no_byte():
         for name in ("val_acc", "val_loss", "val_mP@5"):
             assert s[name] == (e[name] if monitored else None), (s["epoch"], name)
         assert s["train_loss"] == e["train_loss"]
+
+
+def test_early_stopping_keeps_an_epoch_whose_monitor_was_measured():
+    """monitor_every 10 over 30 epochs with patience 2: the run stops early, and the kept
+    epoch (an improving one) and the stopping one have monitor scores, so metrics report
+    measured values, not nulls."""
+    from conftest import clusters
+    from tasks.params.train import TrainParams
+    from tasks.train import train_head
+
+    train = clusters(range(6), 10, dim=16, seed=0, noise=2.0)
+    val = clusters(range(6), 4, dim=16, seed=1, noise=2.0)
+    validation = GroupData(clusters(range(6, 9), 3, 16, seed=2, noise=2.0),
+                           clusters(range(6, 9), 4, 16, seed=3, noise=2.0), ["x"] * 9)
+    params = TrainParams(epochs=30, embedding_dim=8, batch_size=16, early_stopping_patience=2,
+                         monitor_every=10, lr=0.05)
+    result = train_head(train, val, params, validation)
+    assert result.metrics["epochs_run"] < 10  # stopped before the first 10th epoch
+    assert result.metrics["val_mP@5"] is not None and result.metrics["val_loss"] is not None
+    assert result.history[-1]["val_mP@5"] is not None  # the epoch it stopped at
+    measured = [h["epoch"] for h in result.history if h["val_mP@5"] is not None]
+    assert len(measured) < len(result.history)  # epochs between still skip the monitor
+
+
+def test_bf16_autocast_trains_with_arcface_in_fp32(monkeypatch):
+    """With amp: bf16 the head runs under autocast and ArcFace gets fp32 embeddings (its
+    margin is scattered into the cosines, whose dtype must match). CPU autocast stands in
+    for CUDA's here."""
+    import tasks.train as train_module
+    from conftest import clusters
+    from tasks.params.train import TrainParams
+
+    monkeypatch.setattr(train_module, "amp_context",
+                        lambda device, amp: torch.autocast("cpu", torch.bfloat16))
+    train = clusters(range(4), 8, dim=16, seed=0)
+    val = clusters(range(4), 2, dim=16, seed=1)
+    for loss in ("arcface", "subcenter_arcface"):
+        params = TrainParams(epochs=2, embedding_dim=8, batch_size=8, amp="bf16", loss=loss)
+        result = train_module.train_head(train, val, params)
+        assert all(np.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_amp_off_survives_yaml_1_1():
+    """PyYAML reads an unquoted `amp: off` (as DVC's round trip writes it back) as false."""
+    import yaml
+
+    params = yaml.safe_load("epochs: 1\namp: off\n")
+    assert params["amp"] is False
+    assert TrainParams(**params).amp == "off"
+    assert TrainParams(epochs=1, amp="bf16").amp == "bf16"

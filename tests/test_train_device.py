@@ -67,3 +67,20 @@ def test_embed_array_is_the_heads_output_in_chunks(monkeypatch):
     with torch.no_grad():
         want = head(torch.from_numpy(features))
     assert torch.allclose(embed_array(head, features, torch.device("cpu")), want)
+
+
+def test_batch_rows_keeps_a_split_too_big_for_the_gpu_on_the_host(monkeypatch):
+    """Over half the free GPU memory, the split is not moved to the GPU (nor copied to
+    pinned memory): batches are gathered on the host and copied one at a time."""
+    import tasks.train_device as train_device
+    from tasks.features import SplitFeatures
+
+    split = SplitFeatures(["a", "b", "c"], np.zeros(3, np.int64), points(3, 4, 6))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64, 2**30))
+    chosen = []
+    monkeypatch.setattr(train_device, "host_rows",
+                        lambda x, device: chosen.append((x, device)) or "host")
+    assert train_device.batch_rows(split, torch.device("cuda")) == "host"
+    [(x, device)] = chosen
+    assert device.type == "cuda" and not x.is_pinned()
+    assert x.data_ptr() == torch.from_numpy(split.embeddings).data_ptr()  # no copy

@@ -11,13 +11,13 @@ from tasks.params.base import _Section
 
 
 class ExtractParams(_Section):
-    # Settings that change how fast the stage runs, never a byte it writes (each tested:
-    # decoding processes, the cache and its flushes, the Prefect runner and its threads,
-    # the Dask cluster): not DVC params of the stage, so tuning them for another machine
-    # reruns nothing.
+    # Settings that change how fast the stage runs, never a byte it writes (tested: decoding
+    # processes, the cache and its flushes, shards embedded at once): not DVC params of the
+    # stage, so tuning them for another machine reruns nothing. The runner and the Dask
+    # cluster are params: with `device: auto` they choose the hardware (this machine's CPU
+    # or a cluster's GPUs), and so the bytes.
     SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({
-        "num_workers", "cache_dir", "flush_every", "runner", "threads", "dask_address",
-        "dask_resources"})
+        "num_workers", "cache_dir", "flush_every", "threads"})
 
     batch_size: int = Field(32, ge=1)
     # DataLoader worker processes decoding JPEGs ahead of the model; 0 = a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.params.base import _Section
 
@@ -46,9 +46,10 @@ class TrainParams(_Section):
     optimizer: Literal["adamw", "adam"] = "adamw"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     # Partial FC: the ArcFace softmax of each step over this many classes (the batch's own and
-    # random others) instead of all; 0 = all. A step's cost then stops growing with the
-    # number of classes (benchmarks/scale.py, README "Scale"). train_acc in the history is
-    # then each step's accuracy among the classes it drew (val_acc stays over all classes).
+    # random others) instead of all; 0 = all. Only the drawn centres are updated (sparse
+    # gradients, SparseAdam), so a step's cost stops growing with the number of classes
+    # (benchmarks/partial_fc.py); the centres then take no weight decay. train_acc in the
+    # history is each step's accuracy among the classes it drew (val_acc: over all).
     class_sample: int = Field(0, ge=0)
     # Val-split queries the per-epoch monitor (val_acc, val_loss, val_mP@5 against the whole
     # train split) scores: 0 = all; else a seeded sample of that many, so its search grows
@@ -83,6 +84,13 @@ class TrainParams(_Section):
     # memory-mapped feature files each step (same order, same bytes). null: half the RAM
     # available when training starts. Val, query and index features are always read into RAM.
     max_memory_gb: float | None = Field(None, gt=0.0)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """`amp: off` unquoted is YAML 1.1's false to PyYAML, and DVC (`dvc exp run -S`)
+        rewrites params.yaml without the quotes: read false as off."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _margin_order(self) -> "TrainParams":
