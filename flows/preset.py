@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from tasks.params.base import PARAMS_FILE, ParamsError
+from tasks.params.base import PARAMS_FILE, ParamsError, load_yaml
 from tasks.presets import list_presets, preset_params
 from tasks.schemas.io import write_bytes
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print("presets:", " ".join(list_presets()))
         return 0
     try:
-        base = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+        base = load_yaml(PARAMS_FILE)
         merged = preset_params(args.name, base)
     except (ParamsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

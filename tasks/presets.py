@@ -15,9 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tasks.params.base import ParamsError
+from tasks.params.base import ParamsError, load_yaml
 from tasks.params.project import parse_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
@@ -33,7 +31,7 @@ def load_preset(name: str, directory: Path = PRESETS_DIR) -> dict[str, Any]:
     path = directory / f"{name}.yaml"
     if not path.is_file():
         raise ParamsError(f"preset {name!r}: not found; allowed are {list_presets(directory)}")
-    overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    overlay = load_yaml(path) or {}
     if not isinstance(overlay, dict):
         raise ParamsError(f"{path}: must be a mapping of params sections")
     return overlay

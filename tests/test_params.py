@@ -96,3 +96,29 @@ def test_each_variant_is_made_by_the_stage_group_it_names(raw):
     with pytest.raises(ParamsError, match="runs.lite0_ft.base = 'lite2': unknown key"):
         parse_params({**raw, "finetune": {**raw["finetune"], "runs": {"lite0_ft": {
             "base": "lite2"}}}})
+
+
+def test_params_survive_dvc_exp_run_set_param(tmp_path):
+    """`dvc exp run -S train.epochs=41` rewrites params.yaml with DVC's own YAML writer,
+    which leaves `pic?.png` and `off` unquoted in it; the project reads the result as DVC
+    does (YAML 1.2): the same params, but the one set."""
+    import shutil
+
+    from dvc.utils.serialize import modify_yaml
+
+    from conftest import REPO
+    from tasks.params.base import read_raw
+    from tasks.params.project import parse_params
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    before = read_raw(path)
+    with modify_yaml(str(path)) as data:
+        data["train"]["epochs"] = 41
+    text = path.read_text()
+    assert "pic?.png" in text and '"pic?.png"' not in text  # as DVC writes it
+    after = read_raw(path)
+    assert after["train"]["epochs"] == 41
+    after["train"]["epochs"] = before["train"]["epochs"]
+    assert after == before
+    assert parse_params(read_raw(path)).train.amp == "off"

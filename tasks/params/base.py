@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 PARAMS_FILE = Path("params.yaml")
 MiB, GiB = 1 << 20, 1 << 30
@@ -62,12 +63,23 @@ def _describe(error: dict[str, Any]) -> str:
 NAMES = dict[str, Any]
 
 
+def load_yaml(path: Path) -> Any:
+    """A YAML file as plain values (no tags, no objects), read as YAML 1.2: the version DVC
+    reads and writes params.yaml in. `dvc exp run -S` rewrites the file, leaving `off`
+    and `pic?.png` unquoted in it, which a YAML 1.1 reader (PyYAML) takes for false or
+    refuses; both read as written here."""
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+
+
 def read_raw(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     """params.yaml as a mapping of sections, read safely."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of stage sections")
     return raw
