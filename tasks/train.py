@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from tasks.features import (GroupData, MappedFeatures, SplitFeatures, class_group,
                             load_concat, load_or_map, read_manifest, seeded_rows, select)
 from tasks.heads import HEAD_CONFIG, HEAD_WEIGHTS, ArcFace, build_head, dynamic_margins
-from tasks.metrics import mean_precision_at_k, precision_at_k
+from tasks.metrics import mean_precision_at_k
 from tasks.params.train import TrainParams
 from tasks.schedules import deterministic, warmup_cosine, warmup_linear_decay, warmup_step
 from tasks.schemas.io import atomic_path, write_json
-from tasks.train_device import (Rows, batch_rows, embed_array, embed_cpu, embed_rows, knn_ids,
-                                resolve_device)
+from tasks.train_device import (Rows, amp_context, batch_rows, embed_array, embed_cpu,
+                                embed_rows, mean_precision_on_device, resolve_device)
 
 
 @dataclass
@@ -67,13 +66,6 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _gpu_precision(index: torch.Tensor, index_labels: np.ndarray, queries: torch.Tensor,
-                   query_labels: np.ndarray, k: int = 5) -> np.ndarray:
-    """Per-query P@k from an exact search on the GPU (`knn_ids`), scored as on the CPU."""
-    ids = knn_ids(index, queries, k)
-    return precision_at_k(index_labels[ids], query_labels, index_labels, k)
-
-
 def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeatures,
                 rows: Rows, xv: torch.Tensor, yv: torch.Tensor, val_ids: np.ndarray,
                 device: torch.device) -> dict[str, float]:
@@ -89,8 +81,7 @@ def _val_scores(head: nn.Module, arc: ArcFace, train: SplitFeatures | MappedFeat
         loss = arc(emb, yv, sample=False).item()
     if device.type == "cuda":
         index_emb = embed_rows(head, rows, len(train.keys), device)
-        per_query = _gpu_precision(index_emb, train.class_ids, emb, val_ids)
-        mp5 = float(np.nanmean(per_query)) if not np.isnan(per_query).all() else math.nan
+        mp5, _ = mean_precision_on_device(index_emb, train.class_ids, emb, val_ids)
         return {"val_acc": acc, "val_loss": loss, "val_mP@5": mp5}
     index = embed_cpu(head, train)
     mp5, _, _ = mean_precision_at_k(index, train.class_ids, emb.cpu().numpy(), val_ids, k=5)
@@ -105,8 +96,9 @@ def _validation_classes_score(head: nn.Module, validation: GroupData | None,
         return math.nan
     query, index = validation.query, validation.index
     if device.type == "cuda":
-        per_query = _gpu_precision(embed_array(head, index.embeddings, device), index.class_ids,
-                                   embed_array(head, query.embeddings, device), query.class_ids)
+        _, per_query = mean_precision_on_device(
+            embed_array(head, index.embeddings, device), index.class_ids,
+            embed_array(head, query.embeddings, device), query.class_ids)
     else:
         _, per_query, _ = mean_precision_at_k(embed_cpu(head, index), index.class_ids,
                                               embed_cpu(head, query), query.class_ids, k=5)
@@ -144,13 +136,6 @@ def make_loss(params: TrainParams, classes: np.ndarray, class_images: dict[int, 
                    subcenters=params.subcenters if params.loss == "subcenter_arcface" else 1,
                    margins=margins, label_smoothing=params.label_smoothing,
                    sample_classes=params.class_sample)
-
-
-def amp_context(device: torch.device, amp: str):
-    """The head's forward pass under bf16 autocast on CUDA with `amp: bf16`; else fp32."""
-    if device.type == "cuda" and amp == "bf16":
-        return torch.autocast("cuda", torch.bfloat16)
-    return nullcontext()
 
 
 def make_optimizers(head: nn.Module, arc: ArcFace,

@@ -15,6 +15,8 @@ stopping's searches, whose bytes the committed metrics hold. On a GPU two things
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -23,6 +25,7 @@ from torch import nn
 
 from tasks.features import MappedFeatures, SplitFeatures
 from tasks.heads import embed_with_head
+from tasks.metrics import precision_at_k
 
 EMBED_CHUNK = 65_536  # rows embedded at a time when the train split is streamed or on a GPU
 GPU_SHARE = 0.5  # of the GPU's free memory the train split may take there
@@ -78,19 +81,32 @@ def embed_cpu(head: nn.Module, features: SplitFeatures | MappedFeatures) -> np.n
     (the bytes of the committed metrics); streamed ones in chunks read from the shards."""
     if isinstance(features, SplitFeatures):
         return embed_with_head(head, features.embeddings)
-    head.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(features.keys), EMBED_CHUNK):
-            batch = features.rows(np.arange(start, min(start + EMBED_CHUNK, len(features.keys))))
-            out.append(head(torch.from_numpy(np.ascontiguousarray(batch))))
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    cpu = torch.device("cpu")
+    return embed_rows(head, batch_rows(features, cpu), len(features.keys), cpu).numpy()
 
 
 def embed_array(head: nn.Module, features: np.ndarray, device: torch.device) -> torch.Tensor:
     """The head's embeddings of features in RAM, on `device`."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     return embed_rows(head, host_rows(x, device), len(x), device)
+
+
+def mean_precision_on_device(index: torch.Tensor, index_labels: np.ndarray,
+                             queries: torch.Tensor, query_labels: np.ndarray,
+                             k: int = 5) -> tuple[float, np.ndarray]:
+    """(mP@k, per-query P@k) as `tasks.metrics.mean_precision_at_k` scores them, from an
+    exact search where the tensors are (`knn_ids`); NaN when no query can be scored."""
+    per_query = precision_at_k(index_labels[knn_ids(index, queries, k)], query_labels,
+                               index_labels, k)
+    scored = not np.isnan(per_query).all()
+    return (float(np.nanmean(per_query)) if scored else math.nan), per_query
+
+
+def amp_context(device: torch.device, amp: str):
+    """The head's forward pass under bf16 autocast on CUDA with `amp: bf16`; else fp32."""
+    if device.type == "cuda" and amp == "bf16":
+        return torch.autocast("cuda", torch.bfloat16)
+    return nullcontext()
 
 
 def knn_ids(index: torch.Tensor, queries: torch.Tensor, k: int,

@@ -193,21 +193,23 @@ def test_train_flow_streams_over_its_budget_and_writes_the_same_head(in_tmp):
     assert outputs[0] == outputs[1]
 
 
+def assert_same_head(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Two trained heads hold the same tensors, bit for bit."""
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
 def test_the_monitor_scores_a_fixed_sample_of_the_val_split():
     """monitor_queries bounds the per-epoch monitor's search; early stopping (validation
     classes) and the trained head are unaffected, and the sample is the same every epoch."""
-    from conftest import clusters
     from tasks.features import select
-    from tasks.params.train import TrainParams
-    from tasks.train import train_head
 
     train = clusters(range(8), 10, dim=16, seed=0, noise=2.0)
     val = clusters(range(8), 5, dim=16, seed=1, noise=2.0)
     base = TrainParams(epochs=3, embedding_dim=8, batch_size=16, early_stopping_patience=0)
     whole = train_head(train, val, base)
     sampled = train_head(train, val, base.model_copy(update={"monitor_queries": 7}))
-    for a, b in zip(whole.head.state_dict().values(), sampled.head.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_same_head(whole.head, sampled.head)
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"]
                                                          for h in sampled.history]
     # the sampled monitor equals the whole monitor run on those 7 queries alone
@@ -220,17 +222,12 @@ def test_the_monitor_scores_a_fixed_sample_of_the_val_split():
 def test_the_monitor_runs_every_nth_epoch_and_the_last_and_changes_no_byte():
     """monitor_every 3 over 7 epochs scores epochs 3, 6 and 7 (the same values as every
     epoch's monitor there), leaves the others null, and trains the same head bytes."""
-    from conftest import clusters
-    from tasks.params.train import TrainParams
-    from tasks.train import train_head
-
     train = clusters(range(6), 10, dim=16, seed=0, noise=2.0)
     val = clusters(range(6), 4, dim=16, seed=1, noise=2.0)
     base = TrainParams(epochs=7, embedding_dim=8, batch_size=16, early_stopping_patience=0)
     every = train_head(train, val, base)
     sparse = train_head(train, val, base.model_copy(update={"monitor_every": 3}))
-    for a, b in zip(every.head.state_dict().values(), sparse.head.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_same_head(every.head, sparse.head)
     for e, s in zip(every.history, sparse.history):
         monitored = s["epoch"] in (3, 6, 7)
         for name in ("val_acc", "val_loss", "val_mP@5"):
@@ -242,10 +239,6 @@ def test_early_stopping_keeps_an_epoch_whose_monitor_was_measured():
     """monitor_every 10 over 30 epochs with patience 2: the run stops early, and the kept
     epoch (an improving one) and the stopping one have monitor scores, so metrics report
     measured values, not nulls."""
-    from conftest import clusters
-    from tasks.params.train import TrainParams
-    from tasks.train import train_head
-
     train = clusters(range(6), 10, dim=16, seed=0, noise=2.0)
     val = clusters(range(6), 4, dim=16, seed=1, noise=2.0)
     validation = GroupData(clusters(range(6, 9), 3, 16, seed=2, noise=2.0),
@@ -265,8 +258,6 @@ def test_bf16_autocast_trains_with_arcface_in_fp32(monkeypatch):
     margin is scattered into the cosines, whose dtype must match). CPU autocast stands in
     for CUDA's here."""
     import tasks.train as train_module
-    from conftest import clusters
-    from tasks.params.train import TrainParams
 
     monkeypatch.setattr(train_module, "amp_context",
                         lambda device, amp: torch.autocast("cpu", torch.bfloat16))

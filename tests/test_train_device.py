@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tasks.metrics import knn, mean_precision_at_k
-from tasks.train import _gpu_precision
-from tasks.train_device import embed_array, fits_on_gpu, host_rows, knn_ids
+from tasks.train_device import (embed_array, fits_on_gpu, host_rows, knn_ids,
+                                mean_precision_on_device)
 
 
 def points(n: int, dim: int, seed: int) -> np.ndarray:
@@ -36,9 +36,10 @@ def test_gpu_precision_scores_as_the_cpu_path_does():
     index, queries = points(400, 8, 2), points(60, 8, 3)
     index_labels = np.arange(400) % 20
     query_labels = np.arange(60) % 25  # 5 classes with no index image: NaN, as on the CPU
-    _, want, _ = mean_precision_at_k(index, index_labels, queries, query_labels, k=5)
-    got = _gpu_precision(torch.from_numpy(index), index_labels, torch.from_numpy(queries),
-                         query_labels)
+    want_mean, want, _ = mean_precision_at_k(index, index_labels, queries, query_labels, k=5)
+    got_mean, got = mean_precision_on_device(torch.from_numpy(index), index_labels,
+                                             torch.from_numpy(queries), query_labels)
+    assert got_mean == pytest.approx(want_mean)
     assert np.array_equal(np.isnan(got), np.isnan(want))
     assert np.allclose(got[~np.isnan(got)], want[~np.isnan(want)])
 
